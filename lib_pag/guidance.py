@@ -1,0 +1,130 @@
+"""PAG guidance as pure tensor functions (fp32 inside, cast back) and the per-step scale schedule.
+
+All functions are linear in the model outputs, so they hold for eps, x0 or v predictions alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Conds = Sequence[Sequence[tuple[int, float]]]  # A1111 conds_list: per image [(cond row, weight), ...]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 else t
+
+
+def pag_delta(cond: torch.Tensor, perturbed: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s·(eps_c − eps_p)``."""
+    return (scale * (_f32(cond) - _f32(perturbed))).to(cond.dtype)
+
+
+def pag_only(cond: torch.Tensor, perturbed: torch.Tensor, scale: float) -> torch.Tensor:
+    """The paper's guidance without CFG: ``eps_c + s·(eps_c − eps_p)``."""
+    c = _f32(cond)
+    return (c + scale * (c - _f32(perturbed))).to(cond.dtype)
+
+
+def cfg_pag(uncond: torch.Tensor, cond: torch.Tensor, perturbed: torch.Tensor, cfg_scale: float, scale: float) -> torch.Tensor:
+    """``eps_u + w·(eps_c − eps_u) + s·(eps_c − eps_p)``."""
+    u, c, p = _f32(uncond), _f32(cond), _f32(perturbed)
+    return (u + cfg_scale * (c - u) + scale * (c - p)).to(cond.dtype)
+
+
+def multicond_pag_delta(cond_rows: torch.Tensor, perturbed_rows: torch.Tensor, conds_list: Conds, scale: float) -> torch.Tensor:
+    """Per image ``s·Σ_k w_k·(c_k − p_k)`` over its AND sub-prompts (A1111 weights); one output row per image.
+
+    ``perturbed_rows[k]`` is the perturbed twin of ``cond_rows[k]``.
+    """
+    diff = _f32(cond_rows) - _f32(perturbed_rows)
+    out = torch.zeros((len(conds_list),) + tuple(cond_rows.shape[1:]), dtype=torch.float32, device=cond_rows.device)
+    for i, conds in enumerate(conds_list):
+        for row, weight in conds:
+            out[i] += (scale * weight) * diff[row]
+    return out.to(cond_rows.dtype)
+
+
+def multicond_reference(cond_rows: torch.Tensor, conds_list: Conds) -> torch.Tensor:
+    """The conditional prediction per image that rescale compares against (weight-averaged sub-prompts)."""
+    rows = []
+    for conds in conds_list:
+        total = sum(w for _, w in conds)
+        if len(conds) == 1 or total == 0:
+            rows.append(_f32(cond_rows[conds[0][0]]))
+        else:
+            rows.append(sum(w * _f32(cond_rows[r]) for r, w in conds) / total)
+    return torch.stack(rows).to(cond_rows.dtype)
+
+
+def rescale_guided(guided: torch.Tensor, reference: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale: bring each image's std back to the conditional prediction's, mixed by ``phi``."""
+    if phi == 0:
+        return guided
+    g, r = _f32(guided), _f32(reference)
+    dims = tuple(range(1, g.ndim))
+    ratio = r.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return (phi * (g * ratio) + (1 - phi) * g).to(guided.dtype)
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+def step_progress(step: int, total_steps: int) -> float:
+    """Fraction of the run before ``step`` (0-based): 0 at the first step, (n−1)/n at the last."""
+    return step / max(int(total_steps), 1)
+
+
+def scheduled_scale(
+    scale: float,
+    *,
+    step: int,
+    total_steps: int,
+    start: float = 0.0,
+    end: float = 1.0,
+    shape: str = "constant",
+    sigma: float | None = None,
+    sigma_start: float = 0.0,
+    sigma_end: float = 0.0,
+) -> float:
+    """The PAG scale for one sampler step; exactly 0.0 outside the step or sigma window.
+
+    Step window: active when ``start ≤ step/total < end``. Sigma window (bounds of 0 = none): active
+    when ``sigma_end ≤ sigma ≤ sigma_start``. Inside the window the shape decays from ``scale`` at the
+    window's start: constant, linear (to 0 at the window's end) or cosine (half period).
+    """
+    if scale == 0:
+        return 0.0
+    t = step_progress(step, total_steps)
+    if not (start <= t < end):
+        return 0.0
+    if sigma is not None:
+        if sigma_start and sigma > sigma_start:
+            return 0.0
+        if sigma_end and sigma < sigma_end:
+            return 0.0
+    u = (t - start) / (end - start)
+    if shape == "constant":
+        return float(scale)
+    if shape == "linear":
+        return float(scale * (1.0 - u))
+    if shape == "cosine":
+        return float(scale * 0.5 * (1.0 + math.cos(math.pi * u)))
+    raise ValueError(f"unknown schedule shape {shape!r}")
+
+
+def scale_for_step(params, *, step: int, total_steps: int, sigma: float | None = None, hires: bool = False) -> float:
+    """``scheduled_scale`` driven by a ``PagParams``; the hires pass follows ``params.hires``."""
+    if not params.enabled:
+        return 0.0
+    scale = params.scale
+    if hires:
+        if params.hires == "off":
+            return 0.0
+        if params.hires == "own":
+            scale = params.hires_scale
+    return scheduled_scale(
+        scale, step=step, total_steps=total_steps, start=params.start, end=params.end, shape=params.schedule,
+        sigma=sigma, sigma_start=params.sigma_start, sigma_end=params.sigma_end,
+    )

@@ -1,0 +1,177 @@
+"""The one place that touches the model: per-instance attn1 wrappers that always undo themselves.
+
+A host marks, per UNet call, which rows of the batch are the perturbed copies (``RowMarks.marking``);
+the wrappers perturb exactly those rows and hand every other row to the module's own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+
+import torch
+
+from .layers import LayerSelection
+from .perturbations import Perturbation
+
+log = logging.getLogger("sd_webui_pag")
+
+
+class RowMarks:
+    """Which rows of the UNet call in progress are perturbed, and that call's latent size."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+        self.latent_hw: tuple[int, int] | None = None
+
+    @contextmanager
+    def marking(self, mask):
+        """Mark rows (a bool sequence/tensor over the UNet batch) for the calls made inside the block."""
+        previous = self.mask
+        self.mask = None if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu()
+        try:
+            yield
+        finally:
+            self.mask = previous
+
+    def rows_for(self, batch: int) -> torch.Tensor | None:
+        """The mask for an attention batch; a UNet batch tiled into sub-rows (hypertile) repeats it."""
+        mask = self.mask
+        if mask is None or not bool(mask.any()):
+            return None
+        if batch == mask.numel():
+            return mask
+        if batch % mask.numel() == 0:
+            return mask.repeat_interleave(batch // mask.numel())
+        raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {mask.numel()} marked UNet rows")
+
+    def grid_for(self, tokens: int) -> tuple[int, int] | None:
+        """The token grid of an attention input, from the latent size and the UNet's stride-2 downsamples."""
+        if self.latent_hw is None:
+            return None
+        h, w = self.latent_hw
+        for level in range(8):
+            gh, gw = math.ceil(h / 2 ** level), math.ceil(w / 2 ** level)
+            if gh * gw == tokens:
+                return gh, gw
+        return None
+
+
+class AttentionPatch:
+    """Context manager installing PAG wrappers on the selected attn1 modules of ``unet``.
+
+    - per instance: the class's forward is looked up at call time (hosts swap it), and an instance
+      forward someone installed before (hypertile) is chained to, not replaced;
+    - on exit (normal, exception, KeyboardInterrupt) every module gets back exactly what it had; a
+      wrapper that someone else captured meanwhile stays harmless, passing every call through;
+    - entering an active patch again only counts depth.
+    """
+
+    def __init__(self, unet: torch.nn.Module, selection: LayerSelection, perturbation: Perturbation | None = None,
+                 marks: RowMarks | None = None):
+        self.unet = unet
+        self.selection = selection
+        self.perturbation = perturbation or Perturbation()
+        self.marks = marks or RowMarks()
+        self.patched: list[str] = []
+        self._installed: list[tuple[torch.nn.Module, bool, object, object]] = []
+        self._hook = None
+        self._depth = 0
+        self.active = False
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> "AttentionPatch":
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        try:
+            for layer, strength in self.selection.chosen:
+                module = self.unet.get_submodule(layer.path)
+                had_own = "forward" in module.__dict__
+                previous = module.__dict__.get("forward")
+                wrapper = self._make_wrapper(module, previous, strength)
+                module.forward = wrapper
+                self._installed.append((module, had_own, previous, wrapper))
+                self.patched.append(layer.name)
+            self._hook = self.unet.register_forward_pre_hook(self._remember_latent_size)
+            self.active = True
+        except BaseException:
+            self._uninstall()
+            self._depth = 0
+            raise
+        log.debug("PAG patched %d attn1 modules: %s", len(self.patched), ", ".join(self.patched))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._depth -= 1
+        if self._depth == 0:
+            self._uninstall()
+        return False
+
+    def _uninstall(self) -> None:
+        self.active = False
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for module, had_own, previous, wrapper in reversed(self._installed):
+            if module.__dict__.get("forward") is not wrapper:
+                log.warning("PAG: %s's forward was replaced after PAG patched it; leaving a pass-through wrapper",
+                            type(module).__name__)
+                continue
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
+        self._installed.clear()
+        self.patched = []
+
+    def _remember_latent_size(self, _module, args):
+        if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
+            self.marks.latent_hw = tuple(args[0].shape[-2:])
+
+    # --- the wrapper ---
+
+    def _make_wrapper(self, module, previous, strength: float):
+        patch = self
+
+        def own_forward(x, *args, **kwargs):
+            if previous is not None:
+                return previous(x, *args, **kwargs)
+            return type(module).forward(module, x, *args, **kwargs)
+
+        def pag_forward(x, *args, **kwargs):
+            rows = patch.marks.rows_for(x.shape[0]) if patch.active else None
+            if rows is None:
+                return own_forward(x, *args, **kwargs)
+            rows = rows.to(x.device)
+            extra = kwargs.get("additional_tokens")
+            grid = patch.marks.grid_for(x.shape[1])
+            if strength < 1.0:
+                out = own_forward(x, *args, **kwargs)
+                perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))
+                mixed = (1.0 - strength) * out[rows].float() + strength * perturbed.float()
+                out = out.clone()
+                out[rows] = mixed.to(out.dtype)
+                return out
+            perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))
+            if bool(rows.all()):
+                return perturbed
+            keep = ~rows
+            plain = own_forward(x[keep], *[_rows_of(a, keep, x) for a in args],
+                                **{k: _rows_of(v, keep, x) for k, v in kwargs.items()})
+            out = torch.empty((x.shape[0],) + tuple(plain.shape[1:]), dtype=plain.dtype, device=plain.device)
+            out[keep] = plain
+            out[rows] = perturbed.to(plain.dtype)
+            return out
+
+        pag_forward.__pag_wrapper__ = True
+        return pag_forward
+
+
+def _rows_of(value, rows, x):
+    """Slice per-row tensors that travel with ``x`` (context, additional_tokens); leave the rest."""
+    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == x.shape[0]:
+        return value[rows]
+    return value

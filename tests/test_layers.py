@@ -1,0 +1,159 @@
+"""Layer catalog, spec syntax and resolution on real SD1.x/SD2.x UNets and the SDXL-family double."""
+
+import pytest
+
+from lib_pag import PagError, build_catalog, normalize_layer_spec, parse_layer_spec, resolve_layers
+from unets import sd15_unet, sd2_unet, sdxl_unet
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build_catalog(sd15_unet())
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build_catalog(sdxl_unet("base"))
+
+
+def paths(selection):
+    return set(selection.paths)
+
+
+def test_sd15_catalog_names_and_paths(sd15):
+    assert sd15.arch == "SD1.x"
+    assert sd15.summary() == "d0-d5, m0, u0-u8"
+    by_name = {l.name: l.path for l in sd15.layers}
+    # real SD1.x table: input blocks 1,2,4,5,7,8 and output blocks 3..11 carry a transformer at index 1
+    expected_down = [1, 2, 4, 5, 7, 8]
+    for i, host in enumerate(expected_down):
+        assert by_name[f"d{i}.0"] == f"input_blocks.{host}.1.transformer_blocks.0.attn1"
+    assert by_name["m0.0"] == "middle_block.1.transformer_blocks.0.attn1"
+    for i, host in enumerate(range(3, 12)):
+        assert by_name[f"u{i}.0"] == f"output_blocks.{host}.1.transformer_blocks.0.attn1"
+    assert len(sd15.layers) == 16
+    assert {l.host_block for l in sd15.layers if l.part == "mid"} == {("middle", 0)}
+
+
+def test_sd2_is_recognised():
+    cat = build_catalog(sd2_unet())
+    assert cat.arch == "SD2.x"
+    assert cat.summary() == "d0-d5, m0, u0-u8"
+
+
+def test_sdxl_catalog_matches_real_block_table(sdxl):
+    from tests.doubles.sgm_unet import SDXL_BASE_BLOCK_TABLE
+
+    assert sdxl.arch == "SDXL"
+    assert sdxl.summary() == "d0-d3, m0, u0-u5"
+    expected = set()
+    table = SDXL_BASE_BLOCK_TABLE
+    for attr in ("input_blocks", "output_blocks"):
+        for host, depth in table[attr].items():
+            expected |= {f"{attr}.{host}.1.transformer_blocks.{j}.attn1" for j in range(depth)}
+    expected |= {f"middle_block.1.transformer_blocks.{j}.attn1" for j in range(table["middle_block"])}
+    assert {l.path for l in sdxl.layers} == expected
+    assert sdxl.transformers("mid", 0) == list(range(10))
+    assert sdxl.transformers("down", 0) == [0, 1] and sdxl.transformers("down", 2) == list(range(10))
+    assert sdxl.transformers("up", 0) == list(range(10)) and sdxl.transformers("up", 5) == [0, 1]
+
+
+def test_refiner_and_ssd1b_catalogs():
+    refiner = build_catalog(sdxl_unet("refiner"))
+    assert refiner.arch == "SDXL refiner"
+    assert refiner.summary() == "d0-d3, m0, u0-u5"
+    ssd = build_catalog(sdxl_unet("ssd"))
+    assert ssd.arch == "SSD-1B"
+    assert ssd.blocks("mid") == []
+    with pytest.raises(PagError, match=r"'mid' does not exist in this SSD-1B UNet \(it has no middle-block attention\); valid: d0-d3, u0-u5"):
+        resolve_layers("mid", ssd)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("mid", {"m0.0"}),
+    ("middle", {"m0.0"}),
+    ("down", {f"d{i}.0" for i in range(6)}),
+    (["mid", "up"], {"m0.0"} | {f"u{i}.0" for i in range(9)}),
+    ("mid, up", {"m0.0"} | {f"u{i}.0" for i in range(9)}),
+    ("all", None),
+    ("d1-d3", {"d1.0", "d2.0", "d3.0"}),
+    ("d1-3", {"d1.0", "d2.0", "d3.0"}),
+    ("u0.0", {"u0.0"}),
+    ("m0,u8", {"m0.0", "u8.0"}),
+    ("middle_block.1", {"m0.0"}),
+    ("model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1", {"u0.0"}),
+    ("input_blocks.1", {"d0.0"}),  # anchored: must not pick input_blocks.10 / .11
+])
+def test_sd15_spec_forms(sd15, spec, expected):
+    selection = resolve_layers(spec, sd15)
+    if expected is None:
+        expected = {l.name for l in sd15.layers}
+    assert set(selection.names) == expected
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("m0.2-9", {f"m0.{j}" for j in range(2, 10)}),
+    ("m0", {f"m0.{j}" for j in range(10)}),
+    ("d0", {"d0.0", "d0.1"}),
+    ("d2.0-1", {"d2.0", "d2.1"}),
+    ("u3-u5.1", {"u3.1", "u4.1", "u5.1"}),
+    ("middle_block.1.transformer_blocks.3", {"m0.3"}),
+    ("output_blocks.5", {"u5.0", "u5.1"}),
+])
+def test_sdxl_spec_forms(sdxl, spec, expected):
+    assert set(resolve_layers(spec, sdxl).names) == expected
+
+
+def test_strengths_and_overrides(sdxl):
+    selection = resolve_layers("mid, m0.3:0.5, u0:0.25", sdxl)
+    strengths = {l.name: s for l, s in selection.chosen}
+    assert strengths["m0.3"] == 0.5 and strengths["m0.4"] == 1.0
+    assert all(strengths[f"u0.{j}"] == 0.25 for j in range(10))
+    assert len(strengths) == 20
+    # chosen in catalog (forward) order, first perturbed layer known for prefix sharing
+    assert selection.names[0] == "m0.0"
+    assert selection.first_in_forward_order().name == "m0.0"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("u9", "PAG layers: 'u9' does not exist in this SDXL UNet; valid: d0-d3, m0, u0-u5"),
+    ("m0.12", "PAG layers: 'm0.12' does not exist in this SDXL UNet; m0 has transformers 0-9; valid: d0-d3, m0, u0-u5"),
+    ("d0.2", "d0 has transformers 0-1"),
+    ("d2-d7", "'d2-d7' does not exist"),
+    ("input_blocks.1", "'input_blocks.1' does not exist in this SDXL UNet"),
+])
+def test_sdxl_errors_name_field_value_and_valid_range(sdxl, spec, message):
+    with pytest.raises(PagError) as info:
+        resolve_layers(spec, sdxl)
+    assert message in str(info.value)
+    assert info.value.field == "PAG layers"
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("", "selects no layer"),
+    (" , ", "selects no layer"),
+    ([], "selects no layer"),
+    ("x1", "is not a layer name"),
+    ("mid:0", "bad strength"),
+    ("mid:1.5", "bad strength"),
+    ("mid:nan", "bad strength"),
+    ("u0:abc", "bad strength"),
+    ("d1-u3", "mixes parts"),
+    ("d3-d1", "runs backwards"),
+    ("m0.9-2", "runs backwards"),
+    (3, "wrong type"),
+    (["mid", 2], "wrong type"),
+    ("input_blocks.1;drop table", "is not a layer name"),
+])
+def test_syntax_errors(spec, problem):
+    with pytest.raises(PagError) as info:
+        parse_layer_spec(spec)
+    assert problem in str(info.value)
+    assert str(info.value).startswith("PAG layers: ")
+    assert "allowed: " in str(info.value)
+
+
+def test_normalized_spec_is_stable():
+    assert normalize_layer_spec(["Mid", "UP"]) == "mid,up"
+    assert normalize_layer_spec("m0.2-9:0.50 ; u0") == "m0.2-9:0.5,u0"
+    assert normalize_layer_spec(normalize_layer_spec("d1-d3, mid")) == "d1-d3,mid"
