@@ -1,0 +1,468 @@
+"""A1111 1.7–1.10 adapter: PAG rows in the CFG batch through the CFGDenoiser callbacks.
+
+- ``on_cfg_denoiser``: one perturbed twin per cond row goes between the cond and the uncond rows
+  (or, in separate mode, the cond rows are kept for an extra call);
+- every UNet call goes through a wrapper on the denoiser's inner model that finds which rows of
+  the batch it was given (by storage offset, so chunked and split calls are tracked exactly) and
+  runs the UNet inside the attention patch for exactly those rows — the model is patched only
+  for the duration of a call, so an exception or interrupt can never leave it patched;
+- ``on_cfg_denoised``: the perturbed rows' output gives ``s·Σ w·(cond − perturbed)`` per image;
+- ``on_cfg_after_cfg``: that term is added (times ``nmask`` where the inpaint blend already ran).
+
+Host modules are imported lazily so this file loads (and is tested) without the WebUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PagError
+from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
+from .layers import LayerSelection, build_catalog, resolve_layers
+from .params import PagParams, canonical_key, field_names
+from .patch import AttentionPatch, RowMarks
+from .perturbations import Perturbation
+from .rows import perturbed_mask, row_offset, twin_cond, twin_rows
+
+log = logging.getLogger("sd_webui_pag")
+INFOTEXT_PREFIX = "PAG "
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """What one denoiser call of a job needs between the three callbacks."""
+
+    scale: float
+    n_cond: int
+    conds_list: list
+    x_in: torch.Tensor | None = None  # batched: the tensor whose row slices reach the UNet
+    mask: torch.Tensor | None = None
+    separate: tuple | None = None  # separate mode: (x, sigma, image_cond, text_cond) of the cond rows
+    running_separate: bool = False
+    lost: bool = False
+    delta: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+
+@dataclass
+class Job:
+    params: PagParams
+    p_ref: object
+    perturbation: Perturbation
+    marks: RowMarks = field(default_factory=RowMarks)
+    refused: str | None = None
+    call: Call | None = None
+    selections: dict = field(default_factory=dict)  # id(unet) -> LayerSelection | PagError
+    steps_log: list = field(default_factory=list)
+
+    @property
+    def p(self):
+        return self.p_ref()
+
+    def selection_for(self, unet) -> LayerSelection:
+        key = id(unet)
+        if key not in self.selections:
+            try:
+                self.selections[key] = resolve_layers(self.params.layers, build_catalog(unet))
+            except PagError as err:
+                self.selections[key] = err
+        found = self.selections[key]
+        if isinstance(found, PagError):
+            raise found
+        return found
+
+    def refuse(self, reason: str) -> None:
+        if self.refused is None:
+            self.refused = reason
+            log.warning("PAG refused: %s", reason)
+            comment(self.p, f"PAG not applied: {reason}")
+        self.call = None
+
+
+class JobRegistry:
+    """Active PAG jobs by processing object; several can be alive (X/Y/Z cells, ADetailer inside a job)."""
+
+    def __init__(self):
+        self._jobs: dict[int, Job] = {}
+        self._latest: Job | None = None
+
+    def start(self, p, params: PagParams, seed: int) -> Job:
+        self.prune()
+        job = Job(params=params, p_ref=weakref.ref(p), perturbation=Perturbation(
+            params.method, params.blur_sigma, params.noise_scale, seed))
+        self._jobs[id(p)] = job
+        self._latest = job
+        return job
+
+    def get(self, p) -> Job | None:
+        job = self._jobs.get(id(p))
+        return job if job is not None and job.p is p else None
+
+    def end(self, p) -> None:
+        job = self._jobs.pop(id(p), None)
+        if job is not None and job.p is p:
+            job.call = None
+        if self._latest is job:
+            self._latest = None
+
+    def for_denoiser(self, denoiser) -> Job | None:
+        p = getattr(denoiser, "p", None)
+        if p is not None:
+            return self.get(p)
+        return self._latest  # A1111 1.7 denoisers don't know their p
+
+    def prune(self) -> None:
+        for key, job in list(self._jobs.items()):
+            if job.p is None:
+                del self._jobs[key]
+
+    def clear(self) -> None:
+        self._jobs.clear()
+        self._latest = None
+
+    def __len__(self):
+        return len(self._jobs)
+
+
+JOBS = JobRegistry()
+
+
+def comment(p, text: str) -> None:
+    if p is not None and hasattr(p, "comment"):
+        try:
+            p.comment(text)
+        except Exception:  # a comment must never break a generation
+            pass
+
+
+# --- script-hook side ------------------------------------------------------------------------------
+
+def params_from_script_args(args, p=None) -> PagParams:
+    """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts)."""
+    if len(args) >= 1 and isinstance(args[0], dict):
+        params = PagParams.from_dict(args[0])
+    else:
+        from .ui import ui_args_to_params
+
+        params = ui_args_to_params(args)
+    overrides = {}
+    for name in field_names():
+        value = getattr(p, f"pag_{name}", None) if p is not None else None
+        if value is not None:
+            overrides[name] = value
+    if overrides:
+        params = params.with_overrides(**overrides)
+    return params
+
+
+def write_infotext(p, params: PagParams) -> None:
+    extra = p.extra_generation_params
+    for key in [k for k in extra if isinstance(k, str) and k.startswith(INFOTEXT_PREFIX)]:
+        del extra[key]
+    extra.update(params.to_infotext())
+
+
+def refusal_for_model(sd_model) -> str | None:
+    """Why PAG cannot run on this model, or None."""
+    if sd_model is None:
+        return "no model is loaded"
+    if getattr(sd_model, "is_sd3", False):
+        return "SD3 has no UNet self-attention blocks"
+    inner = getattr(sd_model, "model", None)
+    if getattr(inner, "conditioning_key", None) == "crossattn-adm":
+        return "unCLIP models are not supported"
+    if getattr(sd_model, "cond_stage_key", None) == "edit":
+        return "edit models (InstructPix2Pix) are not supported"
+    unet = getattr(inner, "diffusion_model", None)
+    if unet is None or not hasattr(unet, "input_blocks"):
+        return "this model has no UNet of the latent-diffusion family"
+    return None
+
+
+def start_job(p, args) -> Job | None:
+    """``process`` hook: validate, write infotext, register the job. Errors are reported, never raised."""
+    JOBS.end(p)
+    try:
+        params = params_from_script_args(args, p)
+    except PagError as err:
+        log.error("%s", err)
+        comment(p, str(err))
+        write_infotext(p, PagParams())
+        return None
+    write_infotext(p, params)
+    if not params.enabled:
+        return None
+    seed = int(getattr(p, "seed", 0) or 0)
+    job = JOBS.start(p, params, seed)
+    import modules.shared as shared  # noqa: WPS433 (host module, lazily)
+
+    reason = refusal_for_model(shared.sd_model)
+    if reason is None:
+        try:
+            selection = job.selection_for(shared.sd_model.model.diffusion_model)
+        except PagError as err:
+            reason = str(err)
+        else:
+            log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
+                     selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
+                     f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
+    if reason is not None:
+        job.refuse(reason)
+        write_infotext(p, PagParams())
+    return job
+
+
+def start_batch(p, seeds) -> None:
+    job = JOBS.get(p)
+    if job is not None and seeds:
+        job.perturbation.reseed(int(seeds[0]))
+
+
+# --- CFGDenoiser callbacks -------------------------------------------------------------------------
+
+def _denoiser(params, job_hint=None):
+    den = getattr(params, "denoiser", None)
+    if den is None:
+        job = job_hint or JOBS._latest
+        sampler = getattr(job.p, "sampler", None) if job is not None else None
+        den = getattr(sampler, "model_wrap_cfg", None)
+    return den
+
+
+def _rows(t) -> int:
+    return (t["crossattn"] if isinstance(t, dict) else t).shape[0]
+
+
+def conds_list_of(denoiser, n_cond: int, batch: int) -> list | None:
+    """A1111's ``conds_list``: per image ``[(cond row, AND weight), ...]``, from the multicond structure."""
+    cond = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", {}).get("cond")
+    structure = getattr(cond, "batch", None)
+    if structure is None:
+        return [[(i, 1.0)] for i in range(batch)] if n_cond == batch else None
+    out, row = [], 0
+    for prompts in structure:
+        out.append([(row + k, float(c.weight)) for k, c in enumerate(prompts)])
+        row += len(prompts)
+    return out if row == n_cond and len(out) == batch else None
+
+
+def real_sigma(denoiser, sigma_in: torch.Tensor) -> float:
+    """The noise level of this call; timesteps samplers (DDIM/PLMS/UniPC) pass a timestep instead."""
+    value = float(sigma_in.reshape(-1)[0])
+    if getattr(denoiser, "mask_before_denoising", False) or type(denoiser).__name__ == "CFGDenoiserTimesteps":
+        import modules.shared as shared
+
+        alphas = shared.sd_model.alphas_cumprod
+        a = float(alphas[int(round(min(max(value, 0), len(alphas) - 1)))])
+        return math.sqrt((1 - a) / a)
+    return value
+
+
+def on_cfg_denoiser(params) -> None:
+    den = _denoiser(params)
+    job = JOBS.for_denoiser(den) if den is not None else JOBS._latest
+    if job is None or job.refused or not job.params.enabled:
+        return
+    job.call = None
+    import modules.shared as shared
+
+    p = job.p
+    reason = refusal_for_model(shared.sd_model)
+    if reason is None:
+        try:
+            job.selection_for(shared.sd_model.model.diffusion_model)
+        except PagError as err:
+            reason = f"{err} (model changed during the job)"
+    if reason is not None:
+        job.refuse(reason)
+        return
+    step = getattr(den, "step", params.sampling_step)
+    total = getattr(den, "total_steps", params.total_sampling_steps) or params.total_sampling_steps
+    sigma = real_sigma(den, params.sigma)
+    scale = scale_for_step(job.params, step=step, total_steps=total, sigma=sigma, hires=bool(getattr(p, "is_hr_pass", False)))
+    n_cond, batch = _rows(params.text_cond), _rows(params.text_uncond)
+    if scale == 0:
+        log.debug("PAG step %d/%d sigma %.4g: scale 0, no extra rows", step, total, sigma)
+        return
+    if params.x.shape[0] != n_cond + batch:
+        job.refuse(f"unexpected CFG batch layout ({params.x.shape[0]} rows for {n_cond} cond + {batch} uncond)")
+        return
+    conds_list = conds_list_of(den, n_cond, batch)
+    if conds_list is None:
+        job.refuse("cannot match the AND sub-prompts to the cond rows on this WebUI version")
+        return
+    call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list)
+    if job.params.mode == "separate":
+        call.separate = (params.x[:n_cond], params.sigma[:n_cond], _slice(params.image_cond, n_cond), params.text_cond)
+    else:
+        params.x = twin_rows(params.x, n_cond)
+        params.sigma = twin_rows(params.sigma, n_cond)
+        params.image_cond = twin_rows(params.image_cond, n_cond)
+        params.text_cond = twin_cond(params.text_cond, n_cond)
+        call.x_in, call.mask = params.x, perturbed_mask(n_cond, batch)
+    job.call = call
+    install_inner_wrapper(den, job)
+    log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma, scale,
+              n_cond, job.params.mode, ",".join(job.selection_for(shared.sd_model.model.diffusion_model).names))
+
+
+def _slice(t, n):
+    if t is None:
+        return None
+    if isinstance(t, dict):
+        return {k: v[:n] for k, v in t.items()}
+    return t[:n]
+
+
+def on_cfg_denoised(params) -> None:
+    job = _job_with_call(params)
+    if job is None:
+        return
+    call = job.call
+    if call.lost:
+        log.warning("PAG: another extension rebuilt the CFG batch after PAG added its rows; step skipped")
+        job.call = None
+        return
+    cond = params.x[:call.n_cond]
+    if call.separate is not None:
+        perturbed = run_separate(job, _denoiser(params, job))
+    else:
+        perturbed = params.x[call.n_cond:2 * call.n_cond]
+    call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
+    if job.params.rescale:
+        call.reference = multicond_reference(cond, call.conds_list)
+
+
+def on_cfg_after_cfg(params) -> None:
+    job = _job_with_call(params)
+    if job is None or job.call.delta is None:
+        return
+    call, job.call = job.call, None
+    den = _denoiser(params, job)
+    x = params.x
+    guided = x.float() + call.delta.float()
+    if call.reference is not None:
+        guided = rescale_guided(guided, call.reference.float(), job.params.rescale)
+    mask = getattr(den, "mask", None)
+    if mask is not None and not getattr(den, "mask_before_denoising", False):
+        guided = x.float() + (guided - x.float()) * den.nmask.float()  # the inpaint blend already ran
+    params.x = guided.to(x.dtype)
+
+
+def _job_with_call(params) -> Job | None:
+    den = getattr(params, "denoiser", None)
+    job = JOBS.for_denoiser(den) if den is not None else JOBS._latest
+    if job is None or job.call is None:
+        return None
+    return job
+
+
+# --- the UNet-call wrapper -------------------------------------------------------------------------
+
+def install_inner_wrapper(denoiser, job: Job) -> None:
+    """Wrap the denoiser's inner model (k-diffusion CompVis(V)Denoiser / timesteps wrapper) once."""
+    inner = denoiser.inner_model
+    if getattr(inner.__dict__.get("forward"), "__pag_inner__", False):
+        return
+    previous = inner.__dict__.get("forward")
+
+    def forward(x, sigma, *args, **kwargs):
+        own = previous if previous is not None else (lambda *a, **k: type(inner).forward(inner, *a, **k))
+        active = JOBS.for_denoiser(denoiser)
+        mask = rows_of_call(active.call, x) if active is not None and active.call is not None else None
+        if mask is None:
+            return own(x, sigma, *args, **kwargs)
+        unet = inner.inner_model.model.diffusion_model
+        selection = active.selection_for(unet)
+        with AttentionPatch(unet, selection, active.perturbation, active.marks), active.marks.marking(mask):
+            return own(x, sigma, *args, **kwargs)
+
+    forward.__pag_inner__ = True
+    inner.forward = forward
+
+
+def rows_of_call(call: Call, x: torch.Tensor):
+    """The perturbed-row mask for the rows ``x`` of this UNet call, or None when it has none."""
+    if call.running_separate:
+        return torch.ones(x.shape[0], dtype=torch.bool)
+    if call.x_in is None:
+        return None
+    offset = row_offset(x, call.x_in)
+    if offset is None:
+        call.lost = True
+        return None
+    mask = call.mask[offset:offset + x.shape[0]]
+    return mask if bool(mask.any()) else None
+
+
+def run_separate(job: Job, denoiser) -> torch.Tensor:
+    """Low-VRAM mode: the cond rows once more in their own call(s), all rows perturbed, chunked like A1111."""
+    import modules.shared as shared
+
+    call = job.call
+    x, sigma, image_cond, text_cond = call.separate
+    model = shared.sd_model
+    n = x.shape[0]
+    chunk = n if getattr(shared.opts, "batch_cond_uncond", True) else max(1, len(call.conds_list))
+    outputs = []
+    call.running_separate = True
+    try:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            cond = make_condition_dict(model, _slice_rows(text_cond, a, b), None if image_cond is None else image_cond[a:b])
+            outputs.append(denoiser.inner_model(x[a:b], sigma[a:b], cond=cond))
+    finally:
+        call.running_separate = False
+    return torch.cat(outputs)
+
+
+def _slice_rows(t, a, b):
+    if isinstance(t, dict):
+        return {k: v[a:b] for k, v in t.items()}
+    return t[a:b]
+
+
+def make_condition_dict(model, text_cond, image_cond):
+    """What A1111's ``CFGDenoiser.forward`` builds for the inner model (crossattn / SDXL dict)."""
+    if isinstance(text_cond, dict):
+        return {**text_cond, "c_concat": [image_cond]}
+    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+_REGISTERED = {"done": False}
+
+
+def register_callbacks() -> None:
+    """Register the CFG callbacks once per script load (A1111 clears callbacks before reloading scripts)."""
+    from modules import script_callbacks
+
+    for register, fn in ((script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
+                         (script_callbacks.on_cfg_denoised, on_cfg_denoised),
+                         (script_callbacks.on_cfg_after_cfg, on_cfg_after_cfg)):
+        script_callbacks.remove_callbacks_for_function(fn)
+        try:
+            register(fn, name="sd-webui-pag")
+        except TypeError:  # A1111 < 1.9 has no name=
+            register(fn)
+    script_callbacks.remove_callbacks_for_function(JOBS.clear)
+    script_callbacks.on_script_unloaded(JOBS.clear)
+    _REGISTERED["done"] = True
+
+
+def override_names() -> list[str]:
+    return [f"pag_{name}" for name in field_names()]
+
+
+__all__ = [
+    "JOBS", "Job", "JobRegistry", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "params_from_script_args",
+    "refusal_for_model", "register_callbacks", "start_batch", "start_job", "write_infotext", "canonical_key",
+]

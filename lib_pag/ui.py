@@ -1,0 +1,131 @@
+"""The PAG accordion, built the same way under gradio 3.41 (A1111, reForge) and 4.40 (Forge).
+
+``build_ui`` returns the controls in ``PagParams`` field order (the script-args / API order) and
+the infotext paste entries. Only plain values or ``gr.update`` cross into gradio.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+
+from .errors import PagError
+from .layers import GROUP_ALIASES, PARTS, build_catalog, parse_layer_spec, resolve_layers
+from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, label_of
+
+log = logging.getLogger("sd_webui_pag")
+UI_INFINITY = 1e6  # gradio cannot carry inf through JSON; this blur sigma is a mean query to 1e-9
+
+
+def validation_message(layers: str, unet=None) -> str:
+    """HTML for the status line: the resolved layers, or the error naming field and allowed values."""
+    try:
+        parse_layer_spec(layers)
+        if unet is not None:
+            selection = resolve_layers(layers, build_catalog(unet))
+            return (f"<span class='pag-ok'>{len(selection.chosen)} self-attention layers on this "
+                    f"{html.escape(selection.catalog.arch)} UNet: {html.escape(_short(selection.names))}</span>")
+        return "<span class='pag-ok'>layers look valid</span>"
+    except PagError as err:
+        return f"<span class='pag-error'>{html.escape(str(err))}</span>"
+
+
+def _short(names, limit=12):
+    return ", ".join(names) if len(names) <= limit else ", ".join(names[:limit]) + f", … (+{len(names) - limit})"
+
+
+def groups_in(layers: str) -> list[str]:
+    try:
+        selectors = parse_layer_spec(layers)
+    except PagError:
+        return []
+    return [part for part in PARTS if any(s.parts and part in s.parts for s in selectors)]
+
+
+def with_groups(layers: str, groups: list[str]) -> str:
+    """The layer text with its group entries replaced by the ticked groups, fine names kept."""
+    try:
+        fine = [s.text for s in parse_layer_spec(layers) if not s.parts]
+    except PagError:
+        fine = []
+    return ",".join([g for g in PARTS if g in groups] + fine)
+
+
+def paste_entry(name: str):
+    """Infotext → control value; absent PAG keys give the defaults (and enabled=False)."""
+    def read(params: dict):
+        try:
+            value = getattr(PagParams.from_infotext(params), name)
+        except PagError as err:
+            log.error("PAG infotext not pasted: %s", err)
+            return None
+        return UI_INFINITY if isinstance(value, float) and math.isinf(value) else value
+    return read
+
+
+def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
+    """Create the controls; returns (controls in field order, infotext_fields, paste_field_names)."""
+    d = PagParams()
+    with input_accordion(False, label="PAG (Perturbed-Attention Guidance)", elem_id=elem_id("enabled")) as enabled:
+        with gr.Row(elem_classes=["pag-row"]):
+            preset = gr.Dropdown(label="Preset", choices=["Custom"] + list(PRESETS), value="Custom", elem_id=elem_id("preset"))
+            scale = gr.Slider(label=label_of("scale"), minimum=0.0, maximum=20.0, step=0.1, value=d.scale, elem_id=elem_id("scale"))
+        with gr.Row(elem_classes=["pag-row"]):
+            groups = gr.CheckboxGroup(label="Layer groups", choices=list(PARTS), value=groups_in(d.layers), elem_id=elem_id("groups"))
+            layers = gr.Textbox(label=label_of("layers"), value=d.layers, lines=1, elem_id=elem_id("layers"),
+                                placeholder="mid,up · m0 · d1-d3 · m0.2-9:0.5 · u0:0.5")
+        status = gr.HTML(value=validation_message(d.layers), elem_id=elem_id("status"), elem_classes=["pag-status"])
+        with gr.Row(elem_classes=["pag-row"]):
+            method = gr.Dropdown(label=label_of("method"), choices=list(METHODS), value=d.method, elem_id=elem_id("method"))
+            blur_sigma = gr.Number(label=label_of("blur_sigma") + f" (≥{UI_INFINITY:g} = mean)", value=d.blur_sigma, elem_id=elem_id("blur_sigma"))
+            noise_scale = gr.Number(label=label_of("noise_scale"), value=d.noise_scale, elem_id=elem_id("noise_scale"))
+        with gr.Row(elem_classes=["pag-row"]):
+            start = gr.Slider(label=label_of("start") + " (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01, value=d.start, elem_id=elem_id("start"))
+            end = gr.Slider(label=label_of("end") + " (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01, value=d.end, elem_id=elem_id("end"))
+        with gr.Row(elem_classes=["pag-row"]):
+            sigma_start = gr.Number(label=label_of("sigma_start") + " (0 = off)", value=d.sigma_start, elem_id=elem_id("sigma_start"))
+            sigma_end = gr.Number(label=label_of("sigma_end") + " (0 = off)", value=d.sigma_end, elem_id=elem_id("sigma_end"))
+            schedule = gr.Dropdown(label=label_of("schedule"), choices=list(SCHEDULES), value=d.schedule, elem_id=elem_id("schedule"))
+            rescale = gr.Slider(label=label_of("rescale"), minimum=0.0, maximum=1.0, step=0.05, value=d.rescale, elem_id=elem_id("rescale"))
+        with gr.Row(elem_classes=["pag-row"]):
+            hires = gr.Dropdown(label=label_of("hires") + " pass", choices=list(HIRES_MODES), value=d.hires, elem_id=elem_id("hires"))
+            hires_scale = gr.Slider(label=label_of("hires_scale"), minimum=0.0, maximum=20.0, step=0.1, value=d.hires_scale, elem_id=elem_id("hires_scale"))
+            mode = gr.Radio(label=label_of("mode"), choices=list(EXEC_MODES), value=d.mode, elem_id=elem_id("mode"))
+
+    controls = {"enabled": enabled, "scale": scale, "layers": layers, "method": method, "blur_sigma": blur_sigma,
+                "noise_scale": noise_scale, "start": start, "end": end, "sigma_start": sigma_start,
+                "sigma_end": sigma_end, "schedule": schedule, "rescale": rescale, "hires": hires,
+                "hires_scale": hires_scale, "mode": mode}
+    ordered = [controls[name] for name in field_names()]
+
+    def on_preset(name):
+        values = PRESETS.get(name)
+        if not values:
+            return gr.update(), gr.update()
+        return gr.update(value=values["scale"]), gr.update(value=values["layers"])
+
+    def on_layers(text):
+        return validation_message(text, current_unet()), gr.update(value=groups_in(text))
+
+    preset.change(on_preset, inputs=[preset], outputs=[scale, layers], show_progress=False)
+    layers.change(on_layers, inputs=[layers], outputs=[status, groups], show_progress=False)
+    if hasattr(groups, "input"):  # user ticks only; .change would also fire on the programmatic update above
+        groups.input(lambda g, text: gr.update(value=with_groups(text, g)), inputs=[groups, layers], outputs=[layers],
+                     show_progress=False)
+
+    infotext_fields = [(control, paste_entry(name)) for name, control in controls.items()]
+    paste_field_names = [label_of(name) for name in field_names() if name != "enabled"]
+    return ordered, infotext_fields, paste_field_names
+
+
+def ui_args_to_params(args) -> PagParams:
+    """UI values back to params (the UI's stand-in for infinity becomes inf again)."""
+    values = list(args)
+    index = field_names().index("blur_sigma")
+    if len(values) > index and isinstance(values[index], (int, float)) and values[index] >= UI_INFINITY:
+        values[index] = math.inf
+    return PagParams.from_values(*values)
+
+
+__all__ = ["build_ui", "validation_message", "paste_entry", "groups_in", "with_groups", "ui_args_to_params", "GROUP_ALIASES"]

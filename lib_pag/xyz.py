@@ -1,0 +1,75 @@
+"""X/Y/Z plot axes: each sets ``p.pag_<field>``, which the script reads as an override."""
+
+from __future__ import annotations
+
+import logging
+
+from .params import METHODS, PagParams
+
+log = logging.getLogger("sd_webui_pag")
+LABEL_PREFIX = "[PAG] "
+
+
+def _text(value):
+    return str(value).strip()
+
+
+def _bool(value):
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(f"[PAG] Enabled: {value!r} is not a choice; allowed: True, False")
+    return text == "true"
+
+
+def axis_specs():
+    """(label, value type, p attribute, choices) for each axis."""
+    return [
+        ("Enabled", _bool, "pag_enabled", lambda: ["True", "False"]),
+        ("Scale", float, "pag_scale", None),
+        ("Layers", _text, "pag_layers", None),
+        ("Method", _text, "pag_method", lambda: list(METHODS)),
+        ("Start", float, "pag_start", None),
+        ("End", float, "pag_end", None),
+        ("Rescale", float, "pag_rescale", None),
+    ]
+
+
+def _confirm(attribute):
+    field = attribute[len("pag_"):]
+
+    def confirm(p, values):
+        for value in values:
+            PagParams.from_dict({field: value}, strings_ok=True, base=PagParams(enabled=True, start=0.0, end=1.0)) \
+                if field not in ("start", "end") else None
+    return confirm
+
+
+def add_axes(xyz_module) -> int:
+    """Append the PAG axes to the X/Y/Z script's list (once; the list outlives UI reloads)."""
+    options = xyz_module.axis_options
+    if any(getattr(o, "label", "").startswith(LABEL_PREFIX) for o in options):
+        return 0
+    added = 0
+    for label, kind, attribute, choices in axis_specs():
+        options.append(xyz_module.AxisOption(
+            LABEL_PREFIX + label, kind, xyz_module.apply_field(attribute),
+            confirm=_confirm(attribute), choices=choices,
+        ))
+        added += 1
+    return added
+
+
+def find_xyz_module(scripts_module):
+    for data in getattr(scripts_module, "scripts_data", []):
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
+            return data.module
+    return None
+
+
+def register(scripts_module) -> bool:
+    module = find_xyz_module(scripts_module)
+    if module is None:
+        log.debug("PAG: X/Y/Z plot script not found; no axes added")
+        return False
+    add_axes(module)
+    return True
