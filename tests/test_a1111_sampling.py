@@ -37,16 +37,16 @@ def pag(scale=3.0, layers="mid,up", **more):
 def check_calls(recorder, model, layers, scale_at, *, skipped=lambda call: False, min_calls=1):
     ref = reference_model(model, layers)
     assert len(recorder.calls) >= min_calls
-    guided_steps = 0
+    strongest = 0.0
     for call in recorder.calls:
         expected = expected_output(call, model, ref, scale_at(call), skipped=skipped(call))
         err = relative_error(call, expected)
         assert err <= TOL, f"step {call.step}: {err}"
         if scale_at(call):
             without_pag = expected_output(call, model, ref, 0.0, skipped=skipped(call))
-            assert relative_error(call, without_pag) > 1e-3, "PAG term too small to tell apart"
-            guided_steps += 1
-    assert guided_steps
+            strongest = max(strongest, relative_error(call, without_pag))
+    # at high sigma the PAG term is a large part of the output: a missing or wrong term cannot hide in 1e-5
+    assert strongest > 1e-2, f"PAG term too small to tell apart ({strongest})"
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M"])
@@ -96,7 +96,8 @@ def test_skipped_uncond_steps(webui, monkeypatch, setting):
 
 def test_pag_alone_at_cfg_one_is_the_paper_formula(webui, monkeypatch):
     rec = Recorder(monkeypatch)
-    processing.process_images(txt2img(pag(4.0, "m0"), cfg_scale=1.0, steps=2))
+    # 128 px → 16² latent → 2×2 tokens in the middle block (at 1×1 attention is the identity already)
+    processing.process_images(txt2img(pag(4.0, "m0"), cfg_scale=1.0, steps=2, width=128, height=128))
     check_calls(rec, webui, "m0", lambda c: 4.0)
 
 
