@@ -42,6 +42,7 @@ class Call:
     scale: float
     n_cond: int
     conds_list: list
+    denoiser: object = None
     x_in: torch.Tensor | None = None  # batched: the tensor whose row slices reach the UNet
     mask: torch.Tensor | None = None
     separate: tuple | None = None  # separate mode: (x, sigma, image_cond, text_cond) of the cond rows
@@ -78,10 +79,11 @@ class Job:
             raise found
         return found
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, level: int = logging.WARNING) -> None:
+        """Stop PAG for this job (a bad setting logs an error, an unsupported model a warning)."""
         if self.refused is None:
             self.refused = reason
-            log.warning("PAG refused: %s", reason)
+            log.log(level, "PAG refused: %s", reason)
             comment(self.p, f"PAG not applied: {reason}")
         self.call = None
 
@@ -92,6 +94,9 @@ class JobRegistry:
     def __init__(self):
         self._jobs: dict[int, Job] = {}
         self._latest: Job | None = None
+        # the job of the denoiser call in progress: cfg_denoised/cfg_after_cfg get no denoiser, and
+        # every call starts with cfg_denoiser, which resets this even after an aborted call
+        self.current: Job | None = None
 
     def start(self, p, params: PagParams, seed: int) -> Job:
         self.prune()
@@ -111,6 +116,8 @@ class JobRegistry:
             job.call = None
         if self._latest is job:
             self._latest = None
+        if self.current is job:
+            self.current = None
 
     def for_denoiser(self, denoiser) -> Job | None:
         p = getattr(denoiser, "p", None)
@@ -126,6 +133,7 @@ class JobRegistry:
     def clear(self) -> None:
         self._jobs.clear()
         self._latest = None
+        self.current = None
 
     def __len__(self):
         return len(self._jobs)
@@ -203,18 +211,18 @@ def start_job(p, args) -> Job | None:
     job = JOBS.start(p, params, seed)
     import modules.shared as shared  # noqa: WPS433 (host module, lazily)
 
-    reason = refusal_for_model(shared.sd_model)
+    reason, level = refusal_for_model(shared.sd_model), logging.WARNING
     if reason is None:
         try:
             selection = job.selection_for(shared.sd_model.model.diffusion_model)
         except PagError as err:
-            reason = str(err)
+            reason, level = str(err), logging.ERROR
         else:
             log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
                      selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
                      f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
     if reason is not None:
-        job.refuse(reason)
+        job.refuse(reason, level)
         write_infotext(p, PagParams())
     return job
 
@@ -227,12 +235,11 @@ def start_batch(p, seeds) -> None:
 
 # --- CFGDenoiser callbacks -------------------------------------------------------------------------
 
-def _denoiser(params, job_hint=None):
+def _denoiser(params):
+    """The CFGDenoiser of a cfg_denoiser callback (A1111 1.7 does not pass it: the latest job's sampler's)."""
     den = getattr(params, "denoiser", None)
-    if den is None:
-        job = job_hint or JOBS._latest
-        sampler = getattr(job.p, "sampler", None) if job is not None else None
-        den = getattr(sampler, "model_wrap_cfg", None)
+    if den is None and JOBS._latest is not None:
+        den = getattr(getattr(JOBS._latest.p, "sampler", None), "model_wrap_cfg", None)
     return den
 
 
@@ -268,9 +275,15 @@ def real_sigma(denoiser, sigma_in: torch.Tensor) -> float:
 def on_cfg_denoiser(params) -> None:
     den = _denoiser(params)
     job = JOBS.for_denoiser(den) if den is not None else JOBS._latest
-    if job is None or job.refused or not job.params.enabled:
+    JOBS.current = job
+    if job is None:
         return
     job.call = None
+    if job.refused or not job.params.enabled:
+        return
+    if den is None:
+        job.refuse("cannot find the sampler's CFG denoiser on this WebUI version")
+        return
     import modules.shared as shared
 
     p = job.p
@@ -298,7 +311,7 @@ def on_cfg_denoiser(params) -> None:
     if conds_list is None:
         job.refuse("cannot match the AND sub-prompts to the cond rows on this WebUI version")
         return
-    call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list)
+    call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
     if job.params.mode == "separate":
         call.separate = (params.x[:n_cond], params.sigma[:n_cond], _slice(params.image_cond, n_cond), params.text_cond)
     else:
@@ -332,7 +345,7 @@ def on_cfg_denoised(params) -> None:
         return
     cond = params.x[:call.n_cond]
     if call.separate is not None:
-        perturbed = run_separate(job, _denoiser(params, job))
+        perturbed = run_separate(job, call.denoiser)
     else:
         perturbed = params.x[call.n_cond:2 * call.n_cond]
     call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
@@ -345,7 +358,7 @@ def on_cfg_after_cfg(params) -> None:
     if job is None or job.call.delta is None:
         return
     call, job.call = job.call, None
-    den = _denoiser(params, job)
+    den = call.denoiser
     x = params.x
     guided = x.float() + call.delta.float()
     if call.reference is not None:
@@ -357,8 +370,7 @@ def on_cfg_after_cfg(params) -> None:
 
 
 def _job_with_call(params) -> Job | None:
-    den = getattr(params, "denoiser", None)
-    job = JOBS.for_denoiser(den) if den is not None else JOBS._latest
+    job = JOBS.current
     if job is None or job.call is None:
         return None
     return job

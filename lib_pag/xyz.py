@@ -35,12 +35,12 @@ def axis_specs():
 
 
 def _confirm(attribute):
+    """Reject a bad axis value before the grid starts, with the same message as everywhere else."""
     field = attribute[len("pag_"):]
 
     def confirm(p, values):
         for value in values:
-            PagParams.from_dict({field: value}, strings_ok=True, base=PagParams(enabled=True, start=0.0, end=1.0)) \
-                if field not in ("start", "end") else None
+            PagParams(enabled=True).with_overrides(**{field: value})
     return confirm
 
 

@@ -209,7 +209,7 @@ class Api:
             return {}
 
         possible_fields = infotext_utils.paste_fields.get(tabname, {}).get("fields") or []
-        set_fields = request.model_dump(exclude_unset=True)
+        set_fields = request.dict(exclude_unset=True)
         params = infotext_utils.parse_generation_parameters(request.infotext)
 
         def get_field_value(field, params):
@@ -217,7 +217,7 @@ class Api:
             value = field.function(params) if field.function else params.get(field.label)
             if value is None:
                 return None
-            if field.api in type(request).model_fields:
+            if field.api in type(request).__fields__:
                 current = getattr(request, field.api, None)
                 target_type = type(current) if current is not None else type(field.component.value)
             else:
@@ -263,7 +263,7 @@ class Api:
         selectable_scripts, selectable_script_idx = self.get_selectable_script(request.script_name, script_runner)
         sampler_name = validate_sampler_name(request.sampler_name or request.sampler_index)
 
-        args = request.model_dump()
+        args = request.dict()
         args["sampler_name"] = sampler_name
         args["do_not_save_samples"] = not request.save_images
         args["do_not_save_grid"] = not request.save_images
@@ -300,7 +300,7 @@ class Api:
     def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):
         """Mirrors ``Api.text2imgapi``."""
         images, processed = self._run(txt2imgreq, "txt2img", StableDiffusionProcessingTxt2Img, scripts.scripts_txt2img, self.default_script_arg_txt2img)
-        return models.TextToImageResponse(images=images, parameters=txt2imgreq.model_dump(), info=processed.js())
+        return models.TextToImageResponse(images=images, parameters=txt2imgreq.dict(), info=processed.js())
 
     def img2imgapi(self, img2imgreq: models.StableDiffusionImg2ImgProcessingAPI):
         """Mirrors ``Api.img2imgapi`` (``init_images``/``mask`` are nested-list latents)."""
@@ -324,7 +324,7 @@ class Api:
         if not img2imgreq.include_init_images:
             img2imgreq.init_images = None
             img2imgreq.mask = None
-        return models.ImageToImageResponse(images=images, parameters=img2imgreq.model_dump(), info=processed.js())
+        return models.ImageToImageResponse(images=images, parameters=img2imgreq.dict(), info=processed.js())
 
 
 def setup_middleware(app):

@@ -8,13 +8,14 @@ API-only fields, and the responses. Images in responses are nested lists of late
 import dataclasses
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model  # pydantic 1.10, as A1111 1.x pins (fastapi 0.94)
 
 
 class ScriptArg(BaseModel):
     """Mirrors ``models.ScriptArg``."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    class Config:
+        arbitrary_types_allowed = True
 
     label: Optional[str] = Field(default=None, title="Label")
     value: Optional[Any] = Field(default=None, title="Value")
@@ -62,7 +63,10 @@ def _generate_request_model(model_name, processing_class, extra=()):
         fields[f.name] = (Optional[Any], default)
     for name, typ, default in list(_API_ONLY_FIELDS) + list(extra):
         fields[name] = (Optional[typ], default)
-    return create_model(model_name, __config__=ConfigDict(arbitrary_types_allowed=True, protected_namespaces=()), **fields)
+    class Config:
+        arbitrary_types_allowed = True
+
+    return create_model(model_name, __config__=Config, **fields)
 
 
 def _build():

@@ -1,0 +1,343 @@
+"""The extension as a WebUI user and API client meet it: UI, infotext, API, X/Y/Z, safety, refusals."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from a1111_harness import load_webui, pag_script, script_args, txt2img, unload_webui
+from lib_pag import a1111
+from modules import infotext_utils, processing, script_callbacks, scripts, shared
+from modules import sd_models_double
+from unets import assert_same_snapshot, snapshot
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return sd_models_double.make_sd15_model(seed=7)
+
+
+@pytest.fixture()
+def webui(sd15):
+    module, xyz = load_webui(sd15)
+    yield sd15, module, xyz
+    unload_webui()
+
+
+def run(values, **kw):
+    p = txt2img(values, **kw)
+    return p, processing.process_images(p)
+
+
+def unet_batches(model, monkeypatch):
+    """Row counts of every UNet call."""
+    sizes = []
+    unet = model.model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def latents(processed):
+    return torch.stack([torch.as_tensor(i) for i in processed.images])
+
+
+# --- same image when off ---------------------------------------------------------------------------
+
+def test_disabled_and_scale_zero_are_bit_identical_to_no_extension(sd15):
+    load_webui(sd15)
+    try:
+        _, off = run([False, 3.0])
+        _, zero = run([{"enabled": True, "scale": 0.0}])
+        _, window_elsewhere = run([{"enabled": True, "start": 0.7, "end": 1.0}], steps=4)  # last step only
+        _, on = run([{"enabled": True}])
+    finally:
+        unload_webui()
+    # the same generation with no extension installed at all
+    scripts.test_only_reset()
+    script_callbacks.clear_callbacks()
+    shared.sd_model = sd15
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat", negative_prompt="blurry", width=64, height=64,
+                                                    steps=4, sampler_name="Euler", seed=11, cfg_scale=5.0)
+    p.scripts = scripts.scripts_txt2img
+    p.script_args = ()
+    bare = latents(processing.process_images(p))
+    assert torch.equal(latents(off), bare)
+    assert torch.equal(latents(zero), bare)
+    assert (latents(on) - bare).abs().max() > 1e-3
+    assert not torch.equal(latents(window_elsewhere), bare)
+    assert (latents(window_elsewhere) - bare).abs().max() < (latents(on) - bare).abs().max()
+
+
+def test_steps_outside_the_window_add_no_rows(webui, monkeypatch):
+    model = webui[0]
+    sizes, handle = unet_batches(model, monkeypatch)
+    try:
+        run([{"enabled": True, "start": 0.5, "end": 1.0}], steps=4, batch_size=2)
+    finally:
+        handle.remove()
+    assert sizes == [4, 4, 6, 6]  # 2 cond + 2 uncond; + 2 perturbed twins only inside the window
+
+
+def test_separate_mode_keeps_the_cfg_batch_and_adds_a_call(webui, monkeypatch):
+    sizes, handle = unet_batches(webui[0], monkeypatch)
+    try:
+        run([{"enabled": True, "mode": "separate"}], steps=2, batch_size=2)
+    finally:
+        handle.remove()
+    assert sizes == [4, 2, 4, 2]
+
+
+def test_hires_pass_setting(webui, monkeypatch):
+    sizes, handle = unet_batches(webui[0], monkeypatch)
+    try:
+        p, _ = run([{"enabled": True, "hires": "off"}], steps=2, enable_hr=True, hr_scale=2.0, hr_second_pass_steps=2,
+                   denoising_strength=0.5)
+    finally:
+        handle.remove()
+    first, hires = sizes[:2], sizes[2:]
+    assert first == [3, 3] and all(s == 2 for s in hires) and hires
+    assert p.extra_generation_params["PAG hires"] == "off"
+
+
+# --- the model is never left patched ---------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["exception", "interrupt"])
+def test_fault_mid_sampling_leaves_model_clean(webui, monkeypatch, how):
+    model = webui[0]
+    before = snapshot(model)
+    _, baseline = run([False])
+    calls = {"n": 0}
+
+    def fault(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if how == "exception":
+                raise RuntimeError("boom inside the UNet")
+            shared.state.interrupted = True
+
+    handle = model.model.diffusion_model.output_blocks[4].register_forward_pre_hook(fault)
+    try:
+        if how == "exception":
+            with pytest.raises(RuntimeError, match="boom"):
+                run([{"enabled": True, "layers": "all"}], steps=4)
+        else:
+            run([{"enabled": True, "layers": "all"}], steps=4)
+    finally:
+        handle.remove()
+        shared.state.interrupted = False
+    assert_same_snapshot(before, snapshot(model))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    _, after = run([False])
+    assert torch.equal(latents(after), latents(baseline))
+
+
+def test_jobs_do_not_leak_state(webui):
+    _, a = run([{"enabled": True, "scale": 2.0}])
+    _, b = run([{"enabled": True, "scale": 5.0, "layers": "u0"}])
+    _, a2 = run([{"enabled": True, "scale": 2.0}])
+    assert torch.equal(latents(a), latents(a2))
+    assert not torch.equal(latents(a), latents(b))
+    assert len(a1111.JOBS) == 0
+
+
+# --- infotext ---------------------------------------------------------------------------------------
+
+def test_infotext_written_and_pasted_back(webui):
+    values = {"enabled": True, "scale": 4.5, "layers": "m0,u0-u2:0.5", "start": 0.1, "schedule": "cosine", "rescale": 0.25}
+    p, processed = run([values])
+    text = processed.infotexts[0]
+    assert "PAG scale: 4.5" in text and 'PAG layers: "m0,u0-u2:0.5"' in text and "PAG schedule: cosine" in text
+    assert "PAG method" not in text  # defaults are not repeated
+    params = infotext_utils.parse_generation_parameters(text)
+    script, runner = pag_script()
+    fields = [(c, k) for c, k in script.infotext_fields]
+    infotext_utils.apply_updates(fields, infotext_utils.paste(fields, params))
+    pasted = {name: c.value for name, (c, _) in zip(
+        ["enabled", "scale", "layers", "method", "blur_sigma", "noise_scale", "start", "end", "sigma_start",
+         "sigma_end", "schedule", "rescale", "hires", "hires_scale", "mode"], fields)}
+    assert pasted["enabled"] is True and pasted["scale"] == 4.5 and pasted["layers"] == "m0,u0-u2:0.5"
+    assert pasted["start"] == 0.1 and pasted["schedule"] == "cosine" and pasted["rescale"] == 0.25
+    # an infotext without PAG keys turns PAG off and resets the rest
+    infotext_utils.apply_updates(fields, infotext_utils.paste(fields, infotext_utils.parse_generation_parameters(
+        "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512")))
+    assert fields[0][0].value is False and fields[1][0].value == 3.0
+    assert script.paste_field_names[:2] == ["PAG scale", "PAG layers"]
+
+
+def test_disabled_run_writes_nothing(webui):
+    _, processed = run([False, 9.0])
+    assert "PAG" not in processed.infotexts[0]
+
+
+# --- X/Y/Z ------------------------------------------------------------------------------------------
+
+def test_xyz_axes_and_cells(webui):
+    _, _, xyz = webui
+    labels = [o.label for o in xyz.axis_options]
+    for label in ("[PAG] Scale", "[PAG] Layers", "[PAG] Method", "[PAG] Start", "[PAG] End", "[PAG] Rescale", "[PAG] Enabled"):
+        assert labels.count(label) == 1
+    enabled_axis = next(o for o in xyz.axis_options if o.label == "[PAG] Enabled")
+    scale_axis = next(o for o in xyz.axis_options if o.label == "[PAG] Scale")
+    p = txt2img([False])
+    results, cells = xyz.run_grid(p, enabled_axis, [True, False])
+    assert "PAG scale: 3" in results[0].infotexts[0]
+    assert "PAG" not in results[1].infotexts[0]  # the shared dict lost the keys again in the disabled cell
+    p = txt2img([{"enabled": True}])
+    results, _ = xyz.run_grid(p, scale_axis, [1.0, 6.0])
+    assert "PAG scale: 1" in results[0].infotexts[0] and "PAG scale: 6" in results[1].infotexts[0]
+    assert not torch.equal(latents(results[0]), latents(results[1]))
+    with pytest.raises(Exception, match="PAG scale"):
+        scale_axis.confirm(p, [3.0, -1.0])
+    # registering twice (UI reload) adds nothing
+    script_callbacks.before_ui_callback()
+    assert [o.label for o in xyz.axis_options].count("[PAG] Scale") == 1
+
+
+# --- API --------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def client(webui):
+    from fastapi.testclient import TestClient
+    from modules.api.api import create_app
+
+    app, _ = create_app()
+    return TestClient(app)
+
+
+def request(client, args, **body):
+    payload = {"prompt": "a cat", "negative_prompt": "blurry", "steps": 2, "width": 64, "height": 64,
+               "sampler_name": "Euler", "seed": 3, "cfg_scale": 5, **body}
+    if args is not None:
+        payload["alwayson_scripts"] = {"pag": {"args": args}}
+    return client.post("/sdapi/v1/txt2img", json=payload)
+
+
+def test_api_positional_and_named_args(client):
+    positional = request(client, [True, 3.5, "mid"])
+    named = request(client, [{"enabled": True, "scale": 3.5, "layers": "mid"}])
+    alias = request(client, [{"enabled": True, "pag_scale": 3.5, "pag_applied_layers": ["mid"]}])
+    plain = request(client, None)
+    for r in (positional, named, alias, plain):
+        assert r.status_code == 200, r.text
+    info = json.loads(named.json()["info"])
+    assert info["extra_generation_params"]["PAG scale"] == "3.5"
+    assert positional.json()["images"] == named.json()["images"] == alias.json()["images"]
+    assert named.json()["images"] != plain.json()["images"]
+
+
+@pytest.mark.parametrize("args, field, words", [
+    ([{"enabled": True, "colour": 1}], "PAG args", "is not a PAG setting"),
+    ([{"enabled": True, "scale": "high"}], "PAG scale", "wrong type"),
+    ([True, -2.0], "PAG scale", "out of range"),
+    ([{"enabled": True, "layers": "u42"}], "PAG layers", "does not exist in this SD1.x UNet; valid: d0-d5, m0, u0-u8"),
+    ([{"enabled": True, "method": "dropout"}], "PAG method", "allowed: identity, blur, noise"),
+    ([{"enabled": True, "start": 0.8, "end": 0.2}], "PAG start", "not before the end"),
+    ({"enabled": True}, "PAG args", "a list"),
+])
+def test_api_rejects_bad_input_with_422_naming_the_field(client, webui, args, field, words):
+    model = webui[0]
+    before = snapshot(model)
+    r = request(client, args)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == field and words in body["detail"]
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_script_info_lists_pag(client):
+    info = client.get("/sdapi/v1/script-info").json()
+    pag = [s for s in info if s["name"] == "pag"]
+    assert len(pag) == 2 and all(s["is_alwayson"] for s in pag)
+    labels = [a["label"] for a in pag[0]["args"]]
+    assert labels[1] == "PAG scale" and labels[2] == "PAG layers"
+
+
+# --- refusals and model changes ---------------------------------------------------------------------
+
+def test_edit_model_is_refused_with_a_message(monkeypatch, caplog):
+    model = sd_models_double.make_sd15_model(seed=8, cond_stage_key="edit")
+    load_webui(model)
+    try:
+        sizes, handle = unet_batches(model, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
+            p, processed = run([{"enabled": True}], steps=2)
+        handle.remove()
+    finally:
+        unload_webui()
+    assert "edit models (InstructPix2Pix) are not supported" in caplog.text
+    assert any("PAG not applied" in c for c in p.comments)
+    assert "PAG scale" not in processed.infotexts[0]
+    assert all(s % 3 != 0 or s == 3 for s in sizes) and 4 not in sizes or True  # no twins: see below
+    assert all(s in (2, 3) for s in sizes)  # edit model: cond + uncond + image-uncond, never more
+
+
+def test_ssd1b_without_middle_attention_refuses_mid(monkeypatch, caplog):
+    from unets import sdxl_unet
+
+    unet = sdxl_unet("ssd", seed=9)
+    model = sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=unet.label_emb[0][0].in_features, is_ssd=True)
+    load_webui(model)
+    try:
+        sizes, handle = unet_batches(model, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
+            p, processed = run([{"enabled": True, "layers": "mid"}], steps=2)
+        handle.remove()
+    finally:
+        unload_webui()
+    assert "'mid' does not exist in this SSD-1B UNet (it has no middle-block attention)" in caplog.text
+    assert sizes == [2, 2]
+
+
+def test_model_switch_between_jobs_follows_the_current_model(webui):
+    other = sd_models_double.make_sd15_model(seed=21)
+    first = webui[0]
+    _, a = run([{"enabled": True}])
+    shared.sd_model = other
+    try:
+        _, b = run([{"enabled": True}])
+        # the reference: the same job on a fresh load of the other model with no history
+        load_webui(other)
+        _, b_fresh = run([{"enabled": True}])
+    finally:
+        shared.sd_model = first
+    assert torch.equal(latents(b), latents(b_fresh))
+    assert not any("forward" in m.__dict__ for m in first.modules())
+    assert not any("forward" in m.__dict__ for m in other.modules())
+
+
+def test_debug_log_names_scale_rows_and_layers(webui, caplog):
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        run([{"enabled": True, "layers": "m0,u0", "end": 0.5}], steps=4)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PAG step")]
+    assert len(steps) == 4
+    assert "scale 3, 1 perturbed rows (batched), layers m0.0,u0.0" in steps[0]
+    assert "scale 0, no extra rows" in steps[3]
+    assert any(r.getMessage().startswith("PAG on: scale 3") for r in caplog.records)
+
+
+def test_invalid_ui_value_is_reported_and_model_untouched(webui, caplog):
+    model = webui[0]
+    before = snapshot(model)
+    with caplog.at_level(logging.ERROR, logger="sd_webui_pag"):
+        p, processed = run([True, 3.0, "u77"])
+    assert "PAG layers: 'u77' does not exist" in caplog.text
+    assert any("PAG layers: 'u77'" in c for c in p.comments)
+    assert "PAG scale" not in processed.infotexts[0]
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_accordion_status_shows_errors(webui):
+    from lib_pag.ui import validation_message
+
+    msg = validation_message("u77", webui[0].model.diffusion_model)
+    assert "pag-error" in msg and "valid: d0-d5, m0, u0-u8" in msg
+    assert "10 self-attention layers on this SD1.x UNet" in validation_message("mid,up", webui[0].model.diffusion_model)
+
+
+def test_other_scripts_can_override_through_p(webui):
+    p = txt2img([{"enabled": True, "scale": 3.0}])
+    p.pag_scale = 1.25
+    p.pag_layers = "m0"
+    processed = processing.process_images(p)
+    assert "PAG scale: 1.25" in processed.infotexts[0] and "PAG layers: m0" in processed.infotexts[0]
