@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+from contextlib import contextmanager
 
 from .errors import PagError
 from .layers import GROUP_ALIASES, PARTS, build_catalog, parse_layer_spec, resolve_layers
@@ -64,9 +65,19 @@ def paste_entry(name: str):
     return read
 
 
+def fallback_accordion(gr):
+    """For hosts without ``InputAccordion``: an accordion holding an explicit enable checkbox."""
+    @contextmanager
+    def accordion(value, label, elem_id):
+        with gr.Accordion(label, open=False, elem_id=elem_id):
+            yield gr.Checkbox(value=value, label="Enable PAG", elem_id=f"{elem_id}-checkbox")
+    return accordion
+
+
 def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
     """Create the controls; returns (controls in field order, infotext_fields, paste_field_names)."""
     d = PagParams()
+    input_accordion = input_accordion or fallback_accordion(gr)
     with input_accordion(False, label="PAG (Perturbed-Attention Guidance)", elem_id=elem_id("enabled")) as enabled:
         with gr.Row(elem_classes=["pag-row"]):
             preset = gr.Dropdown(label="Preset", choices=["Custom"] + list(PRESETS), value="Custom", elem_id=elem_id("preset"))
