@@ -1,0 +1,134 @@
+"""Host variations: A1111 1.7 callbacks without a denoiser, refiner switch mid-sampling, nested jobs."""
+
+import logging
+
+import pytest
+import torch
+
+from a1111_harness import Recorder, expected_output, load_webui, reference_model, relative_error, txt2img, img2img, unload_webui
+from lib_pag import a1111
+from modules import processing, scripts, sd_samplers_cfg_denoiser, shared
+from modules import sd_models_double
+from modules.script_callbacks import CFGDenoiserParams
+
+TOL = 1e-5
+
+
+def latents(processed):
+    return torch.stack([torch.as_tensor(i) for i in processed.images])
+
+
+@pytest.fixture()
+def sd15():
+    model = sd_models_double.make_sd15_model(seed=12)
+    load_webui(model)
+    yield model
+    unload_webui()
+
+
+def test_a1111_17_callback_params_without_denoiser(sd15, monkeypatch):
+    """1.7's CFGDenoiserParams has no ``denoiser``: the job's sampler is found through ``p.sampler``."""
+    _, with_denoiser = None, processing.process_images(txt2img([{"enabled": True}], steps=3))
+
+    def params_17(x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        params = CFGDenoiserParams(x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond)
+        del params.denoiser
+        return params
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "CFGDenoiserParams", params_17)
+    without = processing.process_images(txt2img([{"enabled": True}], steps=3))
+    plain = processing.process_images(txt2img([False], steps=3))
+    assert torch.equal(latents(with_denoiser), latents(without))
+    assert not torch.equal(latents(without), latents(plain))
+
+
+def test_refiner_switch_mid_sampling_follows_the_new_model(sd15, monkeypatch):
+    refiner = sd_models_double.make_sd15_model(seed=13, title="tiny-refiner")
+    info = sd_models_double.CheckpointInfo("tiny-refiner", refiner)
+    rec = Recorder(monkeypatch)
+    try:
+        p = txt2img([{"enabled": True, "layers": "mid,up"}], steps=4)
+        p.refiner_checkpoint_info, p.refiner_switch_at = info, 0.5
+        processing.process_images(p)
+        assert shared.sd_model is refiner
+    finally:
+        shared.sd_model = sd15
+    models = [sd15, sd15, refiner, refiner]
+    assert len(rec.calls) == 4
+    for call, model in zip(rec.calls, models):
+        expected = expected_output(call, model, reference_model(model, "mid,up"), 3.0)
+        assert relative_error(call, expected) <= TOL
+    assert not any("forward" in m.__dict__ for m in refiner.modules())
+    assert not any("forward" in m.__dict__ for m in sd15.modules())
+
+
+def test_refiner_without_the_layers_stops_pag_with_a_message(monkeypatch, caplog):
+    from unets import sdxl_unet
+
+    def sdxl_model(kind, seed):
+        unet = sdxl_unet(kind, seed=seed)
+        return sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=unet.label_emb[0][0].in_features,
+                                                is_ssd=kind == "ssd", seed=seed, title=f"tiny-{kind}")
+
+    base, ssd = sdxl_model("base", 14), sdxl_model("ssd", 14)  # the "refiner" has no middle-block attention
+    info = sd_models_double.CheckpointInfo("tiny-ssd", ssd)
+    sizes = []
+    for model in (base, ssd):
+        model.model.diffusion_model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    load_webui(base)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
+            p = txt2img([{"enabled": True, "layers": "mid"}], steps=4)
+            p.refiner_checkpoint_info, p.refiner_switch_at = info, 0.5
+            processed = processing.process_images(p)
+    finally:
+        unload_webui()
+    assert "'mid' does not exist in this SSD-1B UNet" in caplog.text and "model changed during the job" in caplog.text
+    assert any("PAG not applied" in c for c in p.comments)
+    assert sizes == [3, 3, 2, 2]  # twins before the switch, none after
+    assert len(processed.images) == 1
+
+
+class NestedDetailer(scripts.Script):
+    """An ADetailer-style always-on script: runs an img2img job from postprocess_image."""
+
+    inner_settings = [{"enabled": True, "scale": 6.0, "layers": "u0"}]
+    ran = []
+
+    def title(self):
+        return "Nested Detailer"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def postprocess_image(self, p, pp, *args):
+        if getattr(p, "_nested", False):
+            return
+        inner = img2img(self.inner_settings, torch.as_tensor(pp.image).clone(), steps=2, denoising_strength=0.5)
+        inner._nested = True
+        NestedDetailer.ran.append(processing.process_images(inner).infotexts[0])
+
+
+def test_nested_job_uses_its_own_settings_and_outer_batches_keep_theirs(monkeypatch):
+    model = sd_models_double.make_sd15_model(seed=15)
+    load_webui(model)
+    try:
+        baseline = latents(processing.process_images(txt2img([{"enabled": True, "scale": 2.0}], n_iter=2, steps=3)))
+    finally:
+        unload_webui()
+    scripts.test_only_register_script_class(NestedDetailer)
+    load_webui_keep = scripts.scripts_data[:]
+    try:
+        load_webui(model)
+        scripts.scripts_data[:0] = [d for d in load_webui_keep if d.script_class is NestedDetailer]
+        scripts.test_only_build_ui(is_img2img=False)
+        scripts.test_only_build_ui(is_img2img=True)
+        NestedDetailer.ran.clear()
+        outer = processing.process_images(txt2img([{"enabled": True, "scale": 2.0}], n_iter=2, steps=3))
+    finally:
+        unload_webui()
+    assert len(NestedDetailer.ran) == 2
+    assert all("PAG scale: 6" in t and "PAG layers: u0" in t for t in NestedDetailer.ran)
+    assert torch.equal(latents(outer), baseline)  # batch 2 of the outer job still had its own PAG
+    assert "PAG scale: 2" in outer.infotexts[0]
+    assert len(a1111.JOBS) == 0
