@@ -47,6 +47,7 @@ class Call:
     mask: torch.Tensor | None = None
     separate: tuple | None = None  # separate mode: (x, sigma, image_cond, text_cond) of the cond rows
     running_separate: bool = False
+    in_uncond_slot: bool = False
     lost: bool = False
     delta: torch.Tensor | None = None
     reference: torch.Tensor | None = None
@@ -312,8 +313,19 @@ def on_cfg_denoiser(params) -> None:
         job.refuse("cannot match the AND sub-prompts to the cond rows on this WebUI version")
         return
     call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
+    layout = job.params.mode
     if job.params.mode == "separate":
         call.separate = (params.x[:n_cond], params.sigma[:n_cond], _slice(params.image_cond, n_cond), params.text_cond)
+    elif uncond_slot_is_free(den, conds_list, n_cond, batch, params):
+        # CFG scale 1: the uncond rows cannot reach the image, so they carry the perturbed twins (2 rows, not 3)
+        layout = "uncond slot"
+        params.x = torch.cat([params.x[:n_cond], params.x[:n_cond]])
+        params.sigma = torch.cat([params.sigma[:n_cond], params.sigma[:n_cond]])
+        if params.image_cond is not None:
+            params.image_cond = torch.cat([params.image_cond[:n_cond], params.image_cond[:n_cond]])
+        params.text_uncond = dict(params.text_cond) if isinstance(params.text_cond, dict) else params.text_cond
+        call.x_in, call.mask = params.x, torch.arange(2 * n_cond) >= n_cond
+        call.in_uncond_slot = True
     else:
         params.x = twin_rows(params.x, n_cond)
         params.sigma = twin_rows(params.sigma, n_cond)
@@ -323,7 +335,30 @@ def on_cfg_denoiser(params) -> None:
     job.call = call
     install_inner_wrapper(den, job)
     log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma, scale,
-              n_cond, job.params.mode, ",".join(job.selection_for(shared.sd_model.model.diffusion_model).names))
+              n_cond, layout, ",".join(job.selection_for(shared.sd_model.model.diffusion_model).names))
+
+
+def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> bool:
+    """True when the uncond rows' output provably cannot change the image at this step.
+
+    A1111 combines ``u + Σ w·cfg·(c − u)``: with cfg 1 and one sub-prompt of weight 1 per image that is
+    ``c``. Anything that could use the uncond rows otherwise keeps them: skip-uncond (NGMS, skip early
+    CFG) drops the last rows, DDIM CFG++ scales the CFG and reads the uncond noise.
+    """
+    import modules.shared as shared
+
+    extra = getattr(getattr(den, "sampler", None), "sampler_extra_args", None) or {}
+    if extra.get("cond_scale") != 1.0 or getattr(den, "cond_scale_miltiplier", 1.0) != 1.0:
+        return False
+    if getattr(den, "need_last_noise_uncond", False) or (extra.get("s_min_uncond") or 0) > 0:
+        return False
+    if getattr(shared.opts, "skip_early_cond", 0) or n_cond != batch:
+        return False
+    if any(len(conds) != 1 or conds[0][1] != 1.0 for conds in conds_list):
+        return False
+    if params.x.shape[0] != 2 * n_cond or getattr(den, "image_cfg_scale", None) not in (None, 1.0):
+        return False
+    return True
 
 
 def _slice(t, n):
@@ -346,7 +381,7 @@ def on_cfg_denoised(params) -> None:
     cond = params.x[:call.n_cond]
     if call.separate is not None:
         perturbed = run_separate(job, call.denoiser)
-    else:
+    else:  # right after the cond rows: the twins' own rows, or the uncond rows' place at CFG 1
         perturbed = params.x[call.n_cond:2 * call.n_cond]
     call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
     if job.params.rescale:

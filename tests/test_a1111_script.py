@@ -88,6 +88,18 @@ def test_separate_mode_keeps_the_cfg_batch_and_adds_a_call(webui, monkeypatch):
     assert sizes == [4, 2, 4, 2]
 
 
+def test_pag_alone_at_cfg_one_uses_the_uncond_slot(webui, monkeypatch):
+    """At CFG 1 the uncond rows cannot change the image: they carry the twins, 2 rows instead of 3."""
+    sizes, handle = unet_batches(webui[0], monkeypatch)
+    try:
+        run([{"enabled": True}], steps=2, batch_size=2, cfg_scale=1.0)
+        run([{"enabled": True}], steps=1, batch_size=1, cfg_scale=1.0, prompt="a cat AND a dog :0.5")  # weights ≠ 1
+        run([{"enabled": True}], steps=1, batch_size=1, cfg_scale=1.5)
+    finally:
+        handle.remove()
+    assert sizes == [4, 4, 5, 3]
+
+
 def test_hires_pass_setting(webui, monkeypatch):
     sizes, handle = unet_batches(webui[0], monkeypatch)
     try:
