@@ -24,7 +24,7 @@ import torch
 from .errors import PagError
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
-from .params import PagParams, canonical_key, field_names
+from .params import PagParams, field_names
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
 from .rows import perturbed_mask, row_offset, twin_cond, twin_rows
@@ -62,7 +62,6 @@ class Job:
     refused: str | None = None
     call: Call | None = None
     selections: dict = field(default_factory=dict)  # id(unet) -> LayerSelection | PagError
-    steps_log: list = field(default_factory=list)
 
     @property
     def p(self):
@@ -210,7 +209,7 @@ def start_job(p, args) -> Job | None:
         return None
     seed = int(getattr(p, "seed", 0) or 0)
     job = JOBS.start(p, params, seed)
-    import modules.shared as shared  # noqa: WPS433 (host module, lazily)
+    import modules.shared as shared
 
     reason, level = refusal_for_model(shared.sd_model), logging.WARNING
     if reason is None:
@@ -485,9 +484,6 @@ def make_condition_dict(model, text_cond, image_cond):
 
 # --- registration ----------------------------------------------------------------------------------
 
-_REGISTERED = {"done": False}
-
-
 def register_callbacks() -> None:
     """Register the CFG callbacks once per script load (A1111 clears callbacks before reloading scripts)."""
     from modules import script_callbacks
@@ -502,14 +498,9 @@ def register_callbacks() -> None:
             register(fn)
     script_callbacks.remove_callbacks_for_function(JOBS.clear)
     script_callbacks.on_script_unloaded(JOBS.clear)
-    _REGISTERED["done"] = True
-
-
-def override_names() -> list[str]:
-    return [f"pag_{name}" for name in field_names()]
 
 
 __all__ = [
     "JOBS", "Job", "JobRegistry", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "params_from_script_args",
-    "refusal_for_model", "register_callbacks", "start_batch", "start_job", "write_infotext", "canonical_key",
+    "refusal_for_model", "register_callbacks", "start_batch", "start_job", "write_infotext",
 ]
