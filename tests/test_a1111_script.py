@@ -114,7 +114,7 @@ def test_hires_pass_setting(webui, monkeypatch):
 
 # --- the model is never left patched ---------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["exception", "interrupt"])
+@pytest.mark.parametrize("how", ["exception", "interrupt", "skip"])
 def test_fault_mid_sampling_leaves_model_clean(webui, monkeypatch, how):
     model = webui[0]
     before = snapshot(model)
@@ -126,7 +126,7 @@ def test_fault_mid_sampling_leaves_model_clean(webui, monkeypatch, how):
         if calls["n"] == 3:
             if how == "exception":
                 raise RuntimeError("boom inside the UNet")
-            shared.state.interrupted = True
+            setattr(shared.state, "interrupted" if how == "interrupt" else "skipped", True)
 
     handle = model.model.diffusion_model.output_blocks[4].register_forward_pre_hook(fault)
     try:
@@ -137,7 +137,7 @@ def test_fault_mid_sampling_leaves_model_clean(webui, monkeypatch, how):
             run([{"enabled": True, "layers": "all"}], steps=4)
     finally:
         handle.remove()
-        shared.state.interrupted = False
+        shared.state.interrupted = shared.state.skipped = False
     assert_same_snapshot(before, snapshot(model))
     assert not any("forward" in m.__dict__ for m in model.modules())
     _, after = run([False])
