@@ -180,7 +180,7 @@ def _parse_entry(text: str) -> LayerSelector:
         if not (0.0 < strength <= 1.0):
             raise PagError(FIELD, text, "a strength in (0, 1] after ':', e.g. u0:0.5", "has a bad strength")
     key = target.lower()
-    canonical = key if strength == 1.0 else f"{key}:{strength:g}"
+    canonical = key if strength == 1.0 else f"{key}:{format_number(strength)}"
     if key in GROUP_ALIASES:
         return LayerSelector(canonical, strength, parts=GROUP_ALIASES[key])
     m = _FINE.match(key)
@@ -196,8 +196,16 @@ def _parse_entry(text: str) -> LayerSelector:
         return LayerSelector(canonical, strength, part=PART_OF_PREFIX[letter], blocks=blocks, transformers=transformers)
     path = re.sub(r"^(model\.)?diffusion_model\.", "", target)
     if path.split(".", 1)[0] in _PATH_ROOTS and re.fullmatch(r"[A-Za-z0-9_.]+", path):
-        return LayerSelector(path if strength == 1.0 else f"{path}:{strength:g}", strength, path=path)
+        return LayerSelector(path if strength == 1.0 else f"{path}:{format_number(strength)}", strength, path=path)
     raise PagError(FIELD, text, SYNTAX_HELP, "is not a layer name")
+
+
+def format_number(value: float) -> str:
+    """Short text that parses back to exactly ``value`` (``3``, ``0.25``, ``inf``, ``0.3333331``)."""
+    if math.isinf(value):
+        return "inf"
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
 
 
 # --- resolution against a model ----------------------------------------------------------------
@@ -237,8 +245,9 @@ def _match(selector: LayerSelector, catalog: LayerCatalog) -> list[AttnLayer]:
         available = catalog.transformers(selector.part, block)
         if not available:
             raise _missing(selector, catalog)
-        wanted = available if selector.transformers is None else list(range(selector.transformers[0], selector.transformers[1] + 1))
-        if not set(wanted) <= set(available):
+        lo, hi = selector.transformers or (available[0], available[-1])
+        wanted = [j for j in available if lo <= j <= hi]  # never materialise a user-given range
+        if lo < available[0] or hi > available[-1] or len(wanted) != hi - lo + 1:
             name = f"{PREFIX[selector.part]}{block}"
             raise _missing(selector, catalog, f"; {name} has transformers {available[0]}-{available[-1]}"
                            if len(available) > 1 else f"; {name} has transformer 0 only")

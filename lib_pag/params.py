@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .errors import PagError
-from .layers import normalize_layer_spec
+from .layers import format_number, normalize_layer_spec
 
 METHODS = ("identity", "blur", "noise")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -156,8 +156,9 @@ def _relevant(p: PagParams, name: str) -> bool:
 
 def _format(value):
     if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:g}"
+        return format_number(value)
     return value
+
 
 
 def _check(f, value, *, strings_ok: bool):
@@ -192,7 +193,10 @@ def _check_number(label, value, meta, strings_ok):
             raise PagError(label, value, allowed, "is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PagError(label, value, allowed, "has the wrong type")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        raise PagError(label, value, allowed, "is out of range") from None
     if math.isnan(value) or (math.isinf(value) and not meta["infinite_ok"]):
         raise PagError(label, value, allowed, "is not a finite number")
     if value < lo or (hi is not None and value > hi):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from .errors import PagError
 from .layers import GROUP_ALIASES, PARTS, build_catalog, parse_layer_spec, resolve_layers
+from .maps import example_catalog, layer_map_svg, schedule_svg
 from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, label_of
 
 log = logging.getLogger("sd_webui_pag")
@@ -53,6 +54,25 @@ def with_groups(layers: str, groups: list[str]) -> str:
     return ",".join([g for g in PARTS if g in groups] + fine)
 
 
+def layer_map_html(layers: str, unet=None) -> str:
+    """The layer map of the loaded model (an SD1.x example before one is loaded); empty on a bad spec."""
+    catalog = build_catalog(unet) if unet is not None else example_catalog("SD1.x")
+    try:
+        return layer_map_svg(catalog, layers)
+    except PagError:
+        return ""  # the status line shows the error
+
+
+def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 20) -> str:
+    """The scale curve over ``steps`` (and an illustrative hires pass unless it runs the same settings)."""
+    try:
+        params = PagParams(enabled=True, scale=scale, start=start, end=end, schedule=schedule, hires=hires,
+                           hires_scale=hires_scale)
+    except PagError as err:
+        return f"<span class='pag-error'>{html.escape(str(err))}</span>"
+    return schedule_svg(params, steps, hires_steps=None if hires == "same" else steps // 2)
+
+
 def paste_entry(name: str):
     """Infotext → control value; absent PAG keys give the defaults (and enabled=False)."""
     def read(params: dict):
@@ -87,6 +107,7 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
             layers = gr.Textbox(label=label_of("layers"), value=d.layers, lines=1, elem_id=elem_id("layers"),
                                 placeholder="mid,up · m0 · d1-d3 · m0.2-9:0.5 · u0:0.5")
         status = gr.HTML(value=validation_message(d.layers), elem_id=elem_id("status"), elem_classes=["pag-status"])
+        layer_map = gr.HTML(value=layer_map_html(d.layers), elem_id=elem_id("layer_map"), elem_classes=["pag-map"])
         with gr.Row(elem_classes=["pag-row"]):
             method = gr.Dropdown(label=label_of("method"), choices=list(METHODS), value=d.method, elem_id=elem_id("method"))
             blur_sigma = gr.Number(label=label_of("blur_sigma") + f" (≥{UI_INFINITY:g} = mean)", value=d.blur_sigma, elem_id=elem_id("blur_sigma"))
@@ -103,6 +124,8 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
             hires = gr.Dropdown(label=label_of("hires") + " pass", choices=list(HIRES_MODES), value=d.hires, elem_id=elem_id("hires"))
             hires_scale = gr.Slider(label=label_of("hires_scale"), minimum=0.0, maximum=20.0, step=0.1, value=d.hires_scale, elem_id=elem_id("hires_scale"))
             mode = gr.Radio(label=label_of("mode"), choices=list(EXEC_MODES), value=d.mode, elem_id=elem_id("mode"))
+        schedule_plot = gr.HTML(value=schedule_html(d.scale, d.start, d.end, d.schedule, d.hires, d.hires_scale),
+                                elem_id=elem_id("schedule_plot"), elem_classes=["pag-map"])
 
     controls = {"enabled": enabled, "scale": scale, "layers": layers, "method": method, "blur_sigma": blur_sigma,
                 "noise_scale": noise_scale, "start": start, "end": end, "sigma_start": sigma_start,
@@ -117,10 +140,14 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
         return gr.update(value=values["scale"]), gr.update(value=values["layers"])
 
     def on_layers(text):
-        return validation_message(text, current_unet()), gr.update(value=groups_in(text))
+        unet = current_unet()
+        return validation_message(text, unet), gr.update(value=groups_in(text)), layer_map_html(text, unet)
 
     preset.change(on_preset, inputs=[preset], outputs=[scale, layers], show_progress=False)
-    layers.change(on_layers, inputs=[layers], outputs=[status, groups], show_progress=False)
+    layers.change(on_layers, inputs=[layers], outputs=[status, groups, layer_map], show_progress=False)
+    schedule_inputs = [scale, start, end, schedule, hires, hires_scale]
+    for control in schedule_inputs:
+        control.change(schedule_html, inputs=schedule_inputs, outputs=[schedule_plot], show_progress=False)
     if hasattr(groups, "input"):  # user ticks only; .change would also fire on the programmatic update above
         groups.input(lambda g, text: gr.update(value=with_groups(text, g)), inputs=[groups, layers], outputs=[layers],
                      show_progress=False)
