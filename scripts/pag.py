@@ -1,12 +1,11 @@
-"""sd-webui-pag: Perturbed-Attention Guidance for AUTOMATIC1111 (1.7–1.10); thin host glue over ``lib_pag``."""
+"""sd-webui-pag: Perturbed-Attention Guidance for A1111 1.7–1.10, Forge and reForge; thin host glue over ``lib_pag``."""
 
-import logging
 
 import gradio as gr
 
 from modules import script_callbacks, scripts, shared
 
-from lib_pag import a1111, api, xyz
+from lib_pag import a1111, api, forge, xyz
 from lib_pag.ui import build_ui
 
 try:
@@ -14,12 +13,13 @@ try:
 except ImportError:  # A1111 < 1.7
     InputAccordion = None
 
-log = logging.getLogger("sd_webui_pag")
 TITLE = "PAG"
 
 
 def _current_unet():
     model = getattr(shared, "sd_model", None)
+    if forge.is_forge_host():
+        return forge.diffusion_model_of(model)
     return getattr(getattr(model, "model", None), "diffusion_model", None)
 
 
@@ -37,13 +37,19 @@ class PagScript(scripts.Script):
         return controls
 
     def process(self, p, *args):
-        a1111.start_job(p, args)
+        if not forge.is_forge_host():  # Forge/reForge fire the CFG callbacks too, with another batch layout
+            a1111.start_job(p, args)
 
     def process_batch(self, p, *args, **kwargs):
         a1111.start_batch(p, kwargs.get("seeds"))
 
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if forge.is_forge_host():
+            forge.apply(p, args)  # runs 2–3× per batch with hires; idempotent
+
     def postprocess(self, p, processed, *args):
         a1111.JOBS.end(p)
+        forge.end(p)
 
 
 def _on_app_started(_demo, app):

@@ -1,0 +1,186 @@
+"""A Forge/reForge-style UNet forward over the real ``ldm`` UNet's modules.
+
+The ldm UNet has no ``transformer_options`` plumbing, so this walks its blocks the way the hosts'
+own UNets do:
+
+- ``unet_forward`` mirrors Forge ``backend/nn/unet.py`` ``IntegratedUNet2DConditionModel.forward``
+  (and reForge ``ldm_patched/ldm/modules/diffusionmodules/openaimodel.py`` ``UNetModel._forward``):
+  ``transformer_options["original_shape"]``, ``["transformer_index"]``, ``["block"]`` =
+  ``("input", id)`` / ``("middle", 0)`` / ``("output", id)``, ControlNet residuals popped per block
+  (``apply_control``), then ``("last", 0)``;
+- ``block_forward`` mirrors ``TimestepEmbedSequential.forward`` / ``forward_timestep_embed``;
+- ``spatial_transformer_forward`` mirrors ``SpatialTransformer.forward`` (sets ``["block_index"]``);
+- ``transformer_block_forward`` mirrors ``BasicTransformerBlock._forward``: ``extra_options`` =
+  transformer_options minus patches plus ``n_heads``/``dim_head`` (reForge also ``attn_precision``),
+  ``attn1_patch``, the attn1 replace lookup ``(block, id, block_index)`` then ``(block, id)`` with
+  ``patch(to_q(n), to_k(ctx), to_v(val), extra_options)`` followed by ``to_out``, ``attn1_output_patch``,
+  then attn2 (replace lookup likewise) and the feed-forward.
+
+Not modelled: ``block_modifiers``/``block_inner_modifiers``, input/output block patches, gligen's
+``middle_patch``. The unpatched attn1 path calls the ldm module itself.
+"""
+
+import torch
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import TimestepBlock, Upsample
+from ldm.modules.diffusionmodules.util import timestep_embedding
+
+
+def apply_control(h, control, name):
+    """Forge ``backend/nn/unet.py`` ``apply_control``: pop the next residual of that part and add it."""
+    if control is not None and name in control and len(control[name]) > 0:
+        ctrl = control[name].pop()
+        if ctrl is not None:
+            h = h + ctrl
+    return h
+
+
+CALLS = []  # rows of every UNet forward, for tests
+
+
+def unet_forward(unet, x, timesteps, context=None, y=None, control=None, transformer_options=None, attention=None,
+                 extra_keys=None, **kwargs):
+    """``attention(q, k, v, heads, extra_options)``: the host's attention for value-patched attn1 calls."""
+    CALLS.append(x.shape[0])
+    to = transformer_options if transformer_options is not None else {}
+    to["original_shape"] = list(x.shape)
+    to["transformer_index"] = 0
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+    hs = []
+    h = x
+    for i, module in enumerate(unet.input_blocks):
+        to["block"] = ("input", i)
+        h = block_forward(module, h, emb, context, to, attention, extra_keys)
+        h = apply_control(h, control, "input")
+        hs.append(h)
+    to["block"] = ("middle", 0)
+    h = block_forward(unet.middle_block, h, emb, context, to, attention, extra_keys)
+    h = apply_control(h, control, "middle")
+    for i, module in enumerate(unet.output_blocks):
+        to["block"] = ("output", i)
+        hsp = apply_control(hs.pop(), control, "output")
+        h = torch.cat([h, hsp], dim=1)
+        h = block_forward(module, h, emb, context, to, attention, extra_keys)
+    to["block"] = ("last", 0)
+    return unet.out(h).type(x.dtype)
+
+
+def block_forward(seq, x, emb, context, to, attention, extra_keys):
+    for layer in seq:
+        if isinstance(layer, TimestepBlock):
+            x = layer(x, emb)
+        elif isinstance(layer, SpatialTransformer):
+            x = spatial_transformer_forward(layer, x, context, to, attention, extra_keys)
+            if "transformer_index" in to:
+                to["transformer_index"] += 1
+        elif isinstance(layer, Upsample):
+            x = layer(x)
+        else:
+            x = layer(x)
+    return x
+
+
+def spatial_transformer_forward(st, x, context, to, attention, extra_keys):
+    b, c, h, w = x.shape
+    x_in = x
+    x = st.norm(x)
+    if not st.use_linear:
+        x = st.proj_in(x)
+    x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1).contiguous()
+    if st.use_linear:
+        x = st.proj_in(x)
+    for i, block in enumerate(st.transformer_blocks):
+        to["block_index"] = i
+        x = transformer_block_forward(block, x, context, to, attention, extra_keys)
+    if st.use_linear:
+        x = st.proj_out(x)
+    x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    if not st.use_linear:
+        x = st.proj_out(x)
+    return x + x_in
+
+
+def transformer_block_forward(tb, x, context, to, attention, extra_keys):
+    extra_options = {}
+    block = to.get("block", None)
+    block_index = to.get("block_index", 0)
+    patches, patches_replace = {}, {}
+    for k in to:
+        if k == "patches":
+            patches = to[k]
+        elif k == "patches_replace":
+            patches_replace = to[k]
+        else:
+            extra_options[k] = to[k]
+    extra_options["n_heads"] = tb.attn1.heads
+    extra_options["dim_head"] = tb.attn1.to_q.out_features // tb.attn1.heads
+    for k, v in (extra_keys or {}).items():
+        extra_options[k] = v
+
+    n = tb.norm1(x)
+    context_attn1 = context if tb.disable_self_attn else None
+    value_attn1 = None
+    if "attn1_patch" in patches:
+        if context_attn1 is None:
+            context_attn1 = n
+        value_attn1 = context_attn1
+        for p in patches["attn1_patch"]:
+            n, context_attn1, value_attn1 = p(n, context_attn1, value_attn1, extra_options)
+
+    transformer_block = (block[0], block[1], block_index) if block is not None else None
+    replace = patches_replace.get("attn1", {})
+    key = transformer_block if transformer_block in replace else block
+    if key in replace:
+        if context_attn1 is None:
+            context_attn1 = n
+            value_attn1 = n
+        q = tb.attn1.to_q(n)
+        k = tb.attn1.to_k(context_attn1)
+        v = tb.attn1.to_v(value_attn1)
+        n = tb.attn1.to_out(replace[key](q, k, v, extra_options))
+    elif value_attn1 is not None:
+        q, k, v = tb.attn1.to_q(n), tb.attn1.to_k(context_attn1), tb.attn1.to_v(value_attn1)
+        n = tb.attn1.to_out(attention(q, k, v, tb.attn1.heads, extra_options))
+    else:
+        n = tb.attn1(n, context=context_attn1)
+    for p in patches.get("attn1_output_patch", []):
+        n = p(n, extra_options)
+    x = n + x
+
+    n = tb.norm2(x)
+    replace2 = patches_replace.get("attn2", {})
+    key2 = transformer_block if transformer_block in replace2 else block
+    if key2 in replace2:
+        q, k, v = tb.attn2.to_q(n), tb.attn2.to_k(context), tb.attn2.to_v(context)
+        n = tb.attn2.to_out(replace2[key2](q, k, v, extra_options))
+    else:
+        n = tb.attn2(n, context=context)
+    for p in patches.get("attn2_output_patch", []):
+        n = p(n, extra_options)
+    x = n + x
+    return tb.ff(tb.norm3(x)) + x
+
+
+def sdpa_attention(q, k, v, heads):
+    """Plain scaled-dot-product attention on ``(B, N, heads·d)`` projections (both hosts' default math)."""
+    b, _, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, -1, heads * d)
+
+
+def denoised_from_eps(x, sigma, eps):
+    """k-diffusion eps parameterisation: ``x0 = x − σ·ε``."""
+    return x - eps * sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def c_in(sigma, x):
+    return x / (sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2 + 1) ** 0.5
+
+
+def sigma_to_t(sigma):
+    """The double's timestep for a sigma (any fixed monotone map; the tests' reference uses this one)."""
+    return sigma.float() * 100.0

@@ -1,0 +1,383 @@
+"""lib_pag.forge on doubles of the Forge 2 and reForge patcher contracts, driving the real ldm UNet.
+
+Every exactness test recomputes the expected denoised output independently: plain and perturbed
+predictions come from the *native* ldm forward of the UNet and of ``tests.unets.reference_unet``
+(attn1 → ``(1−a)·attn + a·to_out(to_v(x))``), combined with the host's AND rule
+(``Σ w·pred / Σ w``, CFG × Σ w when ≠ 1) and the PAG formula ``denoised + s·(cond − perturbed)``.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_pag import forge
+from lib_pag.params import PagParams
+from tests.forge_double import unet_walk
+from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel, deep_equal, snapshot_options
+from tests.unets import reference_unet, sd15_unet
+
+DOUBLES = Path(__file__).resolve().parent / "forge_double"
+TOL = 1e-5
+# 8×8 latents: the middle block sees 1 token (self-attention = identity there), so tests that need a
+# visible PAG term perturb down/up layers too
+TOKENS, CTX = 7, 32
+
+
+def _purge():
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("backend", "ldm_patched"):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return sd15_unet(seed=3)
+
+
+class Host:
+    def __init__(self, kind, unet):
+        self.kind = kind
+        self.unet = unet
+        if kind == "forge2":
+            from backend.modules.k_model import KModel
+            from backend.patcher.unet import UnetPatcher
+            from backend.sampling import sampling_function as sf
+            from backend import memory_management
+
+            self.patcher = UnetPatcher(KModel(unet))
+            self.sampling, self.memory, self.denoiser = sf, memory_management, Forge2Denoiser
+        else:
+            from ldm_patched.modules.model_base import BaseModel
+            from ldm_patched.modules.model_patcher import ModelPatcher
+            from ldm_patched.modules import model_management, samplers
+
+            self.patcher = ModelPatcher(BaseModel(unet))
+            self.sampling, self.memory, self.denoiser = samplers, model_management, ReForgeDenoiser
+        unet_walk.CALLS.clear()
+
+    def attention(self, q, k, v, heads):
+        return unet_walk.sdpa_attention(q, k, v, heads)
+
+    def calc_cond_only(self, model, cond, x, sigma, model_options):
+        if self.kind == "forge2":
+            return self.sampling.calc_cond_uncond_batch(model, cond, None, x, sigma, model_options)[0]
+        return self.sampling.calc_cond_batch(model, [cond], x, sigma, model_options)[0]
+
+
+@pytest.fixture(params=["forge2", "reforge"])
+def host(request, unet, monkeypatch):
+    root = str(DOUBLES / request.param)
+    _purge()
+    sys.path.insert(0, root)
+    try:
+        assert forge.detect_host(refresh=True) == request.param
+        h = Host(request.param, unet)
+        monkeypatch.setattr(h.memory, "FREE_MEMORY", float("inf"))
+        yield h
+    finally:
+        sys.path.remove(root)
+        _purge()
+        forge.detect_host(refresh=True)
+
+
+# --- the independent reference ------------------------------------------------------------------------
+
+def D(model, x, sigma, ctx):
+    """x0 of the eps model through its native ldm forward (the doubles' KModel/BaseModel parameterisation)."""
+    return unet_walk.denoised_from_eps(x, sigma, model(unet_walk.c_in(sigma, x), unet_walk.sigma_to_t(sigma), context=ctx))
+
+
+def expected(unet, ref, x, sigma, uncond, cond, conds_list, cfg, s, *, skipped=False, rescale=0.0, both=False):
+    """The host's output with PAG at scale ``s`` (``both``: and without PAG, from the same forwards)."""
+    groups = list(map(list, zip(*conds_list)))  # the host's AND entries: one per sub-prompt position
+    weights = [g[-1][1] for g in groups]
+    total = sum(weights)
+    cond_pred = sum(w * D(unet, x, sigma, cond[[r for r, _ in g]]) for g, w in zip(groups, weights)) / total
+    pert = sum(w * D(ref, x, sigma, cond[[r for r, _ in g]]) for g, w in zip(groups, weights)) / total if s else cond_pred
+    edit = total if not math.isclose(total, 1.0) else 1.0
+    if skipped or math.isclose(cfg, 1.0):
+        out = cond_pred * edit
+    else:
+        u = D(unet, x, sigma, uncond)
+        out = u + (cond_pred - u) * cfg * edit
+    guided = out + s * (cond_pred - pert)
+    if rescale:
+        dims = (1, 2, 3)
+        ratio = cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = rescale * guided * ratio + (1 - rescale) * guided
+    return (guided, out) if both else guided
+
+
+def rel_err(got, want):
+    return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+
+
+def inputs(batch=1, subprompts=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g) * 3
+    cond = torch.randn(batch * subprompts, TOKENS, CTX, generator=g)
+    uncond = torch.randn(batch, TOKENS, CTX, generator=g)
+    return x, cond, uncond
+
+
+def paths(unet, spec):
+    from lib_pag.layers import build_catalog, resolve_layers
+
+    sel = resolve_layers(spec, build_catalog(unet))
+    return {layer.path: s for layer, s in sel.chosen}
+
+
+def run(host, params, *, batch=1, weights=(1.0,), cfg=5.0, sigmas=(6.0, 2.5, 0.7), skipped=(), hires=False, p=None):
+    """Sample ``len(sigmas)`` denoiser calls through the host double; returns (p, [(inputs, output)])."""
+    p = p or Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=len(sigmas))
+    den = p.sample_pass(lambda pp: forge.apply(pp, pp.script_args), hires=hires)
+    den.total_steps = len(sigmas)
+    x, cond, uncond = inputs(batch, len(weights))
+    conds_list = [[(i * len(weights) + j, w) for j, w in enumerate(weights)] for i in range(batch)]
+    out = []
+    for i, s in enumerate(sigmas):
+        sigma = torch.full((batch,), s)
+        with torch.no_grad():
+            d = den(x, sigma, uncond, cond, conds_list, cfg, skip_uncond=i in skipped)
+        out.append(((x, sigma, uncond, cond, conds_list, i in skipped), d))
+    return p, out
+
+
+def check(host, params, results, cfg, scales, *, strengths=None, rescale=0.0):
+    ref = reference_unet(host.unet, paths(host.unet, params.layers) if strengths is None else strengths)
+    strongest = 0.0
+    for ((x, sigma, uncond, cond, conds_list, skipped), got), s in zip(results, scales):
+        with torch.no_grad():
+            want, plain = expected(host.unet, ref, x, sigma, uncond, cond, conds_list, cfg, s, skipped=skipped,
+                                   rescale=rescale, both=True)
+        assert rel_err(got, want) <= TOL, (float(sigma[0]), rel_err(got, want))
+        if s:
+            strongest = max(strongest, rel_err(plain, want))
+    assert strongest > 1e-2 or not any(scales), f"PAG term too small to tell apart ({strongest})"
+
+
+def pag(**kw):
+    return PagParams(enabled=True, **{"scale": 3.0, "layers": "mid,up", **kw})
+
+
+# --- host detection ----------------------------------------------------------------------------------
+
+def test_detect_host_without_doubles_is_a1111():
+    _purge()
+    assert forge.detect_host(refresh=True) == forge.A1111
+    assert not forge.is_forge_host()
+
+
+def test_detect_host_with_each_double(host):
+    assert forge.is_forge_host()
+    assert forge.host_api().kind == host.kind
+    assert forge.host_api().gate == ("pre_cfg" if host.kind == "forge2" else "calc_cond_batch_function")
+
+
+# --- exactness ----------------------------------------------------------------------------------------
+
+def test_batched_cfg_pag_matches_formula_in_one_unet_call(host):
+    params = pag()
+    p, results = run(host, params)
+    check(host, params, results, 5.0, [3.0] * 3)
+    # one UNet call per step: cond + uncond + the perturbed twin
+    assert unet_walk.CALLS == [3, 3, 3]
+    assert [how for *_, how in forge.job_of(p).log] == ["batched"] * 3
+
+
+def test_separate_mode_matches_formula_with_an_extra_cond_call(host):
+    params = pag(mode="separate")
+    p, results = run(host, params)
+    check(host, params, results, 5.0, [3.0] * 3)
+    assert unet_walk.CALLS == [2, 1] * 3
+    assert [how for *_, how in forge.job_of(p).log] == ["separate"] * 3
+
+
+def test_pag_alone_cfg1_and_skipped_uncond(host):
+    params = pag(scale=4.0, layers="d1,u7")
+    _, results = run(host, params, cfg=1.0)
+    check(host, params, results, 1.0, [4.0] * 3)
+    assert all(rows == 2 for rows in unet_walk.CALLS)  # cond + twin, no uncond
+    unet_walk.CALLS.clear()
+    _, results = run(host, params, cfg=6.0, skipped={1})  # NGMS / skip-early on the middle step
+    check(host, params, results, 6.0, [4.0] * 3)
+    assert unet_walk.CALLS == [3, 2, 3]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_and_prompts_batch_two_follow_the_host_average(host, monkeypatch, chunked):
+    """Three AND sub-prompts (weights 1, 0.6, 1.3) × 2 images; ``chunked``: memory for ≤ 2 entries per call."""
+    if chunked:  # an entry is 2 rows × 8 × 8 = 128 units; reForge asks for 1.5× that
+        monkeypatch.setattr(host.memory, "FREE_MEMORY", 300 if host.kind == "forge2" else 450)
+    params = pag(scale=2.5)
+    # CFG 3: the host multiplies CFG by Σ w = 2.9 here, which amplifies the fp32 noise of batched vs
+    # single UNet calls (already ~1e-5 at CFG 5 without PAG); the PAG term itself is not amplified
+    _, results = run(host, params, batch=2, weights=(1.0, 0.6, 1.3), sigmas=(5.0, 1.5), cfg=3.0)
+    check(host, params, results, 3.0, [2.5, 2.5])
+    calls = unet_walk.CALLS
+    if not chunked:
+        assert calls == [14, 14]  # (3 cond + 1 uncond + 3 twins) × 2 images
+    else:
+        assert len(calls) > 2 and sum(calls) == 2 * 14
+
+
+def test_layer_strengths_and_rescale(host):
+    params = pag(scale=3.0, layers="m0:0.5,u1-u2", rescale=0.7)
+    _, results = run(host, params)
+    check(host, params, results, 5.0, [3.0] * 3, rescale=0.7)
+
+
+def test_schedule_window_adds_no_rows_outside_it(host):
+    """Steps 0..3 of 4: window [0.25, 0.75) → PAG (linear decay) on steps 1 and 2 only; sigma bounds respected."""
+    params = pag(start=0.25, end=0.75, schedule="linear")
+    _, results = run(host, params, sigmas=(8.0, 4.0, 2.0, 1.0))
+    check(host, params, results, 5.0, [0.0, 3.0, 1.5, 0.0])
+    assert unet_walk.CALLS == [2, 3, 3, 2]
+    unet_walk.CALLS.clear()
+    params = pag(sigma_start=5.0, sigma_end=1.5)
+    _, results = run(host, params, sigmas=(8.0, 4.0, 2.0, 1.0))
+    check(host, params, results, 5.0, [0.0, 3.0, 3.0, 0.0])
+
+
+def test_hires_re_entry_does_not_stack(host):
+    params = pag(hires="own", hires_scale=1.5)
+    p, _ = run(host, params)
+    # Forge HEAD's hires pass: the hook, a reset of forge_objects, the hook again — and a third call
+    # without a reset must not add anything either
+    den = p.sample_pass(lambda pp: forge.apply(pp, pp.script_args), hires=True)
+    before = p.sd_model.forge_objects.unet
+    forge.apply(p, p.script_args)
+    assert p.sd_model.forge_objects.unet is before
+    mine = [f for f in before.model_options["sampler_post_cfg_function"] if getattr(f, "__pag_job__", None)]
+    assert len(mine) == 1
+    den.total_steps = 2
+    x, cond, uncond = inputs()
+    results = []
+    for s in (3.0, 1.0):
+        sigma = torch.full((1,), s)
+        with torch.no_grad():
+            results.append(((x, sigma, uncond, cond, [[(0, 1.0)]], False), den(x, sigma, uncond, cond, [[(0, 1.0)]], 5.0)))
+    check(host, params, results, p.hr_cfg, [1.5, 1.5])
+
+
+def test_original_patcher_untouched_and_other_extensions_chained(host):
+    """Another extension's attn1 replace patch (on a chosen layer's fallback key) and UNet wrapper stay and run."""
+    seen_patch, seen_wrapper = [], []
+
+    def other_attn1(q, k, v, extra):
+        seen_patch.append((q.shape[0], tuple(extra["cond_or_uncond"])))
+        return host.attention(q, k, v, extra["n_heads"])
+
+    def other_wrapper(apply_model, args):
+        seen_wrapper.append(len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = host.patcher.clone()
+    base.set_model_attn1_replace(other_attn1, "middle", 0)
+    base.set_model_unet_function_wrapper(other_wrapper)
+    before = snapshot_options(base.model_options)
+    params = pag(layers="m0:0.5,u1")
+    p, results = run(host, params, p=Processing(SdModel(base), [params.to_dict()], host.denoiser, steps=3))
+    check(host, params, results, 5.0, [3.0] * 3)
+    assert deep_equal(base.model_options, before)
+    installed = p.sd_model.forge_objects.unet.model_options
+    assert installed["transformer_options"]["patches_replace"]["attn1"][("middle", 0)] is other_attn1
+    assert seen_wrapper == [3, 3, 3]  # the other wrapper saw the twinned calls (cond, uncond, twin)
+    assert seen_patch and all(rows == 3 and len(cu) == 3 for rows, cu in seen_patch)
+
+
+def test_other_post_cfg_unet_calls_get_no_pag_rows(host):
+    """A post-CFG function installed before PAG's that runs its own cond pass (like Forge's builtin PAG/SAG)."""
+    sizes = []
+
+    def other_post_cfg(args):
+        n = len(unet_walk.CALLS)
+        host.calc_cond_only(args["model"], args["cond"], args["input"], args["sigma"], args["model_options"])
+        sizes.append(unet_walk.CALLS[n:])
+        return args["denoised"]
+
+    base = host.patcher.clone()
+    base.set_model_sampler_post_cfg_function(other_post_cfg)
+    params = pag()
+    _, results = run(host, params, p=Processing(SdModel(base), [params.to_dict()], host.denoiser, steps=3))
+    check(host, params, results, 5.0, [3.0] * 3)
+    assert sizes == [[1], [1], [1]]
+
+
+def test_wrapper_replaced_later_falls_back_to_a_separate_call(host):
+    """An extension that installs its UNet wrapper after PAG without chaining: PAG stays exact (separate call)."""
+    params = pag()
+
+    def hook(pp):
+        forge.apply(pp, pp.script_args)
+        pp.sd_model.forge_objects.unet.set_model_unet_function_wrapper(
+            lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
+
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=2)
+    den = p.sample_pass(hook)
+    den.total_steps = 2
+    x, cond, uncond = inputs()
+    results = []
+    for s in (4.0, 1.0):
+        sigma = torch.full((1,), s)
+        with torch.no_grad():
+            results.append(((x, sigma, uncond, cond, [[(0, 1.0)]], False), den(x, sigma, uncond, cond, [[(0, 1.0)]], 5.0)))
+    check(host, params, results, 5.0, [3.0, 3.0])
+    assert [how for *_, how in forge.job_of(p).log] == ["separate", "separate"]
+    assert forge.diffusion_model_of(p.sd_model) is host.unet
+
+
+def test_end_makes_installed_functions_inert(host):
+    params = pag()
+    p, _ = run(host, params)
+    den = p.sampler.model_wrap_cfg
+    forge.end(p)
+    assert forge.job_of(p) is None and not hasattr(p, forge.JOB_ATTR)
+    x, cond, uncond = inputs()
+    sigma = torch.full((1,), 2.0)
+    with torch.no_grad():
+        got = den(x, sigma, uncond, cond, [[(0, 1.0)]], 5.0)
+        want = expected(host.unet, host.unet, x, sigma, uncond, cond, [[(0, 1.0)]], 5.0, 0.0)
+    assert rel_err(got, want) <= TOL
+
+
+def test_bad_layer_is_refused_with_a_comment(host):
+    params = pag(layers="d9")
+    p, results = run(host, params)
+    job = forge.job_of(p)
+    assert job.refused and "d9" in job.refused
+    assert any("d9" in c for c in p.comments)
+    assert not any(k.startswith("PAG ") for k in p.extra_generation_params)
+    assert p.sd_model.forge_objects.unet is p.sd_model.forge_objects_after_applying_lora.unet
+    check(host, params, results, 5.0, [0.0] * 3, strengths={})
+
+
+def test_disabled_or_no_forge_objects_does_nothing(host):
+    p = Processing(SdModel(host.patcher), [PagParams().to_dict()], host.denoiser)
+    p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
+    assert p.sd_model.forge_objects.unet is host.patcher
+    assert forge.apply(type("P", (), {"sd_model": object()})(), [pag().to_dict()]) is None
+
+
+def test_infotext_and_refiner_note(host):
+    params = pag(scale=2.0)
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser)
+    p.refiner_checkpoint_info, p.refiner_switch_at = object(), 0.8
+    p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
+    assert p.extra_generation_params["PAG scale"] == "2"
+    assert p.extra_generation_params[forge.NOTE_KEY] == forge.REFINER_NOTE
+
+
+@pytest.mark.parametrize("method", ["blur", "noise"])
+def test_other_perturbations_run_batched(host, method):
+    params = pag(method=method, layers="d0,u8", blur_sigma=2.0, noise_scale=1.0)
+    p, results = run(host, params, sigmas=(4.0,))
+    (inp, got), = results
+    x, sigma, uncond, cond, conds_list, _ = inp
+    with torch.no_grad():
+        plain = expected(host.unet, host.unet, x, sigma, uncond, cond, conds_list, 5.0, 0.0)
+    assert torch.isfinite(got).all() and rel_err(got, plain) > 1e-4
+    assert forge.job_of(p).log[0][-1] == "batched"
