@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PagError
+from .fork import forking
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams, field_names
@@ -427,7 +428,9 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
             return own(x, sigma, *args, **kwargs)
         unet = inner.inner_model.model.diffusion_model
         selection = active.selection_for(unet)
-        with AttentionPatch(unet, selection, active.perturbation, active.marks), active.marks.marking(mask):
+        # forking after the patch: the patch's latent-size hook must still see the full UNet call
+        with AttentionPatch(unet, selection, active.perturbation, active.marks), active.marks.marking(mask), \
+                forking(unet, selection, mask):
             return own(x, sigma, *args, **kwargs)
 
     forward.__pag_inner__ = True

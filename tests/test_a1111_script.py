@@ -79,6 +79,22 @@ def test_steps_outside_the_window_add_no_rows(webui, monkeypatch):
     assert sizes == [4, 4, 6, 6]  # 2 cond + 2 uncond; + 2 perturbed twins only inside the window
 
 
+@pytest.mark.parametrize("layers, prefix_rows", [("mid", 4), ("u0", 4), ("d1,mid", 6)])
+def test_twins_share_the_unet_prefix_before_the_first_perturbed_layer(webui, layers, prefix_rows):
+    """Shared-prefix fork: blocks before the first perturbed layer run once for a cond row and its twin."""
+    unet = webui[0].model.diffusion_model
+    seen = {"in": [], "out": []}
+    hooks = [unet.input_blocks[1].register_forward_pre_hook(lambda m, a: seen["in"].append(a[0].shape[0])),
+             unet.output_blocks[11].register_forward_pre_hook(lambda m, a: seen["out"].append(a[0].shape[0]))]
+    try:
+        run([{"enabled": True, "layers": layers}], steps=2, batch_size=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["in"] == [prefix_rows] * 2 and seen["out"] == [6, 6]
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
 def test_separate_mode_keeps_the_cfg_batch_and_adds_a_call(webui, monkeypatch):
     sizes, handle = unet_batches(webui[0], monkeypatch)
     try:
