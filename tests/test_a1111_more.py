@@ -132,3 +132,49 @@ def test_nested_job_uses_its_own_settings_and_outer_batches_keep_theirs(monkeypa
     assert torch.equal(latents(outer), baseline)  # batch 2 of the outer job still had its own PAG
     assert "PAG scale: 2" in outer.infotexts[0]
     assert len(a1111.JOBS) == 0
+
+
+def test_hires_pass_on_another_checkpoint(monkeypatch):
+    """A1111 reloads the hires checkpoint before it creates the hires sampler; PAG follows the new model."""
+    from modules import sd_samplers
+
+    first = sd_models_double.make_sd15_model(seed=16)
+    second = sd_models_double.make_sd15_model(seed=17, title="tiny-hires")
+    created = []
+    real_create = sd_samplers.create_sampler
+
+    def create_sampler(name, model):
+        created.append(name)
+        if len(created) == 2:  # the hires pass: sd_models.reload_model_weights(info=hr_checkpoint_info)
+            shared.sd_model = model = second
+        return real_create(name, model)
+
+    monkeypatch.setattr(sd_samplers, "create_sampler", create_sampler)
+    rec = Recorder(monkeypatch)
+    load_webui(first)
+    try:
+        p = txt2img([{"enabled": True, "hires": "own", "hires_scale": 1.5}], steps=2, enable_hr=True, hr_scale=2.0,
+                    hr_second_pass_steps=2, denoising_strength=0.5)
+        processing.process_images(p)
+    finally:
+        shared.sd_model = first
+        unload_webui()
+    assert len(rec.calls) == 4
+    for call, model, scale in zip(rec.calls, [first, first, second, second], [3.0, 3.0, 1.5, 1.5]):
+        expected = expected_output(call, model, reference_model(model, "mid,up"), scale)
+        assert relative_error(call, expected) <= TOL
+    for model in (first, second):
+        assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_install_script_message():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pag_install", Path(__file__).resolve().parent.parent / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    assert "older than 1.7.0" in install.check("v1.6.0")
+    assert install.check("v1.7.0") is None and install.check("v1.10.1-2-gabcdef") is None
+    assert install.check("f2.0.1v1.10.1", forge_family=True) is None
+    assert install.check(None) is None
