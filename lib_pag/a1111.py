@@ -84,8 +84,7 @@ class Job:
         """Stop PAG for this job (a bad setting logs an error, an unsupported model a warning)."""
         if self.refused is None:
             self.refused = reason
-            log.log(level, "PAG refused: %s", reason)
-            comment(self.p, f"PAG not applied: {reason}")
+            announce_refusal(self.p, reason, level)
         self.call = None
 
 
@@ -141,6 +140,12 @@ class JobRegistry:
 
 
 JOBS = JobRegistry()
+
+
+def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
+    """Why PAG does not run, in the log and in the generation's comments."""
+    log.log(level, "PAG refused: %s", reason)
+    comment(p, f"PAG not applied: {reason}")
 
 
 def comment(p, text: str) -> None:

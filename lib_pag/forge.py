@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from .a1111 import comment, params_from_script_args, write_infotext
+from .a1111 import announce_refusal, comment, params_from_script_args, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
@@ -253,8 +253,7 @@ class ForgeJob:
     def refuse(self, reason: str, level: int = logging.WARNING) -> None:
         if self.refused is None:
             self.refused = reason
-            log.log(level, "PAG refused: %s", reason)
-            comment(self.p, f"PAG not applied: {reason}")
+            announce_refusal(self.p, reason, level)
         self.step = None
 
     def keys(self):
