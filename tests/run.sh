@@ -2,9 +2,12 @@
 # Run the test suite: `bash tests/run.sh [pytest args...]` from anywhere.
 #
 # Creates ./.venv (Python 3.11) on first use and installs requirements-test.txt
-# plus requirements-test-nodeps.txt (--no-deps). The venv is reused while a
-# stamp file (sha256 of the requirement files and the interpreter) matches;
-# otherwise it is rebuilt from scratch. Force a rebuild with `rm -rf .venv`.
+# plus requirements-test-nodeps.txt (--no-deps). It also creates ./.venv-gradio4
+# from tests/gradio4/requirements.txt (gradio 4.40.0, Forge's pin), in which
+# tests/test_gradio4_ui.py runs tests/gradio4/build_accordion.py. Each venv is
+# reused while its own stamp file (sha256 of its requirement files and the
+# interpreter) matches; otherwise it is rebuilt from scratch. Force a rebuild
+# with `rm -rf .venv` (or .venv-gradio4).
 # Override the interpreter with PYTHON=/path/to/python3.11.
 set -euo pipefail
 
@@ -12,9 +15,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 VENV="$ROOT/.venv"
-STAMP="$VENV/.requirements.sha256"
 REQ="requirements-test.txt"
 REQ_NODEPS="requirements-test-nodeps.txt"
+VENV_G4="$ROOT/.venv-gradio4"
+REQ_G4="tests/gradio4/requirements.txt"
 
 find_python() {
     local cand
@@ -32,33 +36,40 @@ find_python() {
 }
 
 wanted_stamp() {
-    # Interpreter version + both requirement files: any change rebuilds the venv.
+    # wanted_stamp PYTHON REQFILE...: interpreter version + the requirement files; any change rebuilds.
+    local py="$1"
+    shift
     {
-        "$1" -c 'import sys; print(sys.version)'
-        sha256sum "$REQ" "$REQ_NODEPS"
+        "$py" -c 'import sys; print(sys.version)'
+        sha256sum "$@"
     } | sha256sum | cut -d' ' -f1
 }
 
 ensure_venv() {
-    local py want
-    if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] &&
-        [ "$(cat "$STAMP")" = "$(wanted_stamp "$VENV/bin/python")" ]; then
+    # ensure_venv VENV REQFILE [NODEPS_REQFILE]: (re)create VENV unless VENV/.requirements.sha256 matches.
+    local venv="$1" req="$2" nodeps="${3:-}" py want
+    local stamp="$venv/.requirements.sha256"
+    local reqs=("$req")
+    [ -z "$nodeps" ] || reqs+=("$nodeps")
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] &&
+        [ "$(cat "$stamp")" = "$(wanted_stamp "$venv/bin/python" "${reqs[@]}")" ]; then
         return 0
     fi
     py="$(find_python)"
-    echo "== creating $VENV with $py ($("$py" --version 2>&1))"
+    echo "== creating $venv with $py ($("$py" --version 2>&1))"
     local t0=$SECONDS
-    rm -rf "$VENV"
-    "$py" -m venv "$VENV"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
     export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-    "$VENV/bin/python" -m pip install -r "$REQ"
-    "$VENV/bin/python" -m pip install --no-deps -r "$REQ_NODEPS"
-    want="$(wanted_stamp "$VENV/bin/python")"
-    echo "$want" >"$STAMP"
+    "$venv/bin/python" -m pip install -r "$req"
+    [ -z "$nodeps" ] || "$venv/bin/python" -m pip install --no-deps -r "$nodeps"
+    want="$(wanted_stamp "$venv/bin/python" "${reqs[@]}")"
+    echo "$want" >"$stamp"
     echo "== venv ready in $((SECONDS - t0))s"
 }
 
-ensure_venv
+ensure_venv "$VENV" "$REQ" "$REQ_NODEPS"
+ensure_venv "$VENV_G4" "$REQ_G4"
 
 # Keep the suite offline and quiet: no gradio telemetry, no hub look-ups.
 export GRADIO_ANALYTICS_ENABLED=False
@@ -81,7 +92,8 @@ print("python", sys.version.split()[0], "| torch", torch.__version__,
 PY
 
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+# no path given: pytest.ini's testpaths (tests/); `bash tests/run.sh tests/test_layers.py -k u9` runs just that
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
