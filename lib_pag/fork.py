@@ -16,6 +16,7 @@ not bitwise those of their source) makes it answer None, and the caller runs the
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -286,6 +287,9 @@ def _run_children(middle, mod, h, emb, context, start, stop):
 
 # --- the per-call switch --------------------------------------------------------------------------
 
+DISABLE_ENV = "SD_WEBUI_PAG_NO_FORK"  # set to 1 to turn the shared-prefix fork off (debugging, benchmarks)
+
+
 @contextmanager
 def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, source=None):
     """Fork the UNet calls made inside the block (an instance ``forward`` on ``unet``, always removed).
@@ -293,7 +297,7 @@ def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, 
     Yields the ForkPoint in use, or None when the fork is off (down-path layer first, replaced
     forward): calls then run the UNet's own forward untouched.
     """
-    point = first_perturbed_stage(selection)
+    point = None if os.environ.get(DISABLE_ENV, "") not in ("", "0") else first_perturbed_stage(selection)
     previous = unet.__dict__.get("forward")
     if getattr(previous, "__pag_fork__", False):
         log.debug("PAG fork: already forking this UNet; the inner block adds nothing")

@@ -369,3 +369,18 @@ def test_other_scripts_can_override_through_p(webui):
     p.pag_layers = "m0"
     processed = processing.process_images(p)
     assert "PAG scale: 1.25" in processed.infotexts[0] and "PAG layers: m0" in processed.infotexts[0]
+
+
+def test_fork_can_be_switched_off_for_debugging(webui, monkeypatch):
+    unet = webui[0].model.diffusion_model
+    seen = []
+    hook = unet.input_blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    monkeypatch.setenv("SD_WEBUI_PAG_NO_FORK", "1")
+    try:
+        _, unforked = run([{"enabled": True, "layers": "mid"}], steps=2)
+        monkeypatch.delenv("SD_WEBUI_PAG_NO_FORK")
+        _, forked = run([{"enabled": True, "layers": "mid"}], steps=2)
+    finally:
+        hook.remove()
+    assert seen == [3, 3, 2, 2]
+    assert (latents(forked) - latents(unforked)).abs().max() <= 1e-5 * max(1.0, float(latents(unforked).abs().max()))
