@@ -6,21 +6,12 @@ It only says, in one line, when the host is too old or not one PAG supports, ins
 import os
 import re
 import subprocess
-import sys
 
 MIN_A1111 = (1, 7, 0)
 
 
 def _host_version() -> str | None:
-    """The WebUI's version tag (A1111 ``git describe`` style, e.g. ``v1.10.1``; Forge: ``f2.0.1v1.10.1``)."""
-    try:
-        import launch  # the WebUI's own module, importable while install.py runs
-
-        tag = getattr(launch, "git_tag", None)
-        if callable(tag):
-            return tag()
-    except Exception:
-        pass
+    """The WebUI's version tag as A1111 reads it (``git describe --tags`` in the WebUI folder, e.g. ``v1.10.1``)."""
     try:
         return subprocess.check_output(["git", "describe", "--tags"], cwd=os.getcwd(), text=True,
                                        stderr=subprocess.DEVNULL, timeout=5).strip()
@@ -46,7 +37,7 @@ def check(tag: str | None, forge_family: bool = False) -> str | None:
     return None
 
 
-if __name__ == "__main__" or "launch" in sys.modules:
+if __name__ == "__main__":
     message = check(_host_version(), _forge_family(os.getcwd()))
     if message:
         print(message)

@@ -14,6 +14,7 @@ Host modules are imported lazily so this file loads (and is tested) without the 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -328,7 +329,7 @@ def on_cfg_denoiser(params) -> None:
         params.sigma = torch.cat([params.sigma[:n_cond], params.sigma[:n_cond]])
         if params.image_cond is not None:
             params.image_cond = torch.cat([params.image_cond[:n_cond], params.image_cond[:n_cond]])
-        params.text_uncond = dict(params.text_cond) if isinstance(params.text_cond, dict) else params.text_cond
+        params.text_uncond = copy.copy(params.text_cond)  # keeps SDXL's DictWithShape (the host reads .shape)
         call.x_in, call.mask = params.x, torch.arange(2 * n_cond) >= n_cond
         call.in_uncond_slot = True
     else:

@@ -138,7 +138,8 @@ def test_inpaint_model_with_mask(monkeypatch):
         unload_webui()
 
 
-def test_sdxl_dict_conds(monkeypatch):
+@pytest.mark.parametrize("cfg_scale", [5.0, 1.0])
+def test_sdxl_dict_conds(monkeypatch, cfg_scale):
     from unets import sdxl_unet
 
     unet = sdxl_unet("base", seed=6)
@@ -146,7 +147,7 @@ def test_sdxl_dict_conds(monkeypatch):
     load_webui(model)
     try:
         rec = Recorder(monkeypatch)
-        processing.process_images(txt2img(pag(3.0, "m0.2-9,u0:0.5"), steps=2))
+        processing.process_images(txt2img(pag(3.0, "m0.2-9,u0:0.5"), steps=2, cfg_scale=cfg_scale))
         assert isinstance(prompt_tensor(rec.calls[0]), dict)
         check_calls(rec, model, "m0.2-9,u0:0.5", lambda c: 3.0)
     finally:
