@@ -14,7 +14,6 @@ Host modules are imported lazily so this file loads (and is tested) without the 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import weakref
@@ -29,7 +28,7 @@ from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams, field_names
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
-from .rows import perturbed_mask, row_offset, twin_cond, twin_rows
+from .rows import perturbed_mask, row_offset, same_dict_type, twin_cond, twin_rows
 
 log = logging.getLogger("sd_webui_pag")
 INFOTEXT_PREFIX = "PAG "
@@ -329,7 +328,8 @@ def on_cfg_denoiser(params) -> None:
         params.sigma = torch.cat([params.sigma[:n_cond], params.sigma[:n_cond]])
         if params.image_cond is not None:
             params.image_cond = torch.cat([params.image_cond[:n_cond], params.image_cond[:n_cond]])
-        params.text_uncond = copy.copy(params.text_cond)  # keeps SDXL's DictWithShape (the host reads .shape)
+        params.text_uncond = same_dict_type(params.text_cond, dict(params.text_cond)) \
+            if isinstance(params.text_cond, dict) else params.text_cond
         call.x_in, call.mask = params.x, torch.arange(2 * n_cond) >= n_cond
         call.in_uncond_slot = True
     else:

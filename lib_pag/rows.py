@@ -15,11 +15,24 @@ def twin_rows(t, n_cond: int):
         return None
     if isinstance(t, dict):
         doubled = {k: twin_rows(v, n_cond) for k, v in t.items()}
-        try:
-            return type(t)(doubled)  # keep A1111's DictWithShape (its .shape reads the crossattn rows)
-        except TypeError:
-            return doubled
+        return same_dict_type(t, doubled)
     return torch.cat([t[:n_cond], t[:n_cond], t[n_cond:]])
+
+
+def same_dict_type(original: dict, values: dict) -> dict:
+    """``values`` in the class of ``original``: A1111's ``DictWithShape`` (the host reads its ``.shape``).
+
+    1.7/1.8 store the shape given to ``__init__(x, shape)``; 1.9+ derive it from ``crossattn``.
+    """
+    if type(original) is dict:
+        return values
+    shape = values["crossattn"].shape if "crossattn" in values else None
+    for args in ((values, shape), (values,)):
+        try:
+            return type(original)(*args)
+        except TypeError:
+            continue
+    return values
 
 
 def twin_cond(cond, n_cond: int):
