@@ -1,20 +1,33 @@
 """Cost of one sampler step with PAG, relative to plain CFG: batched twins, the shared-prefix fork, separate pass.
 
-Every configuration makes the UNet calls the A1111 adapter makes for one CFG denoiser step, with the
-row layouts it builds and the real ``AttentionPatch``/``RowMarks`` (and ``lib_pag.fork`` for the
-fork rows); timings are interleaved round-robin in one process and reported as medians.
+Two paths (``--path``), both interleaved round-robin in one process and reported as medians:
 
-    cfg           [cond, uncond]                       unpatched
-    batched       [cond, twins, uncond]                patched, twins marked
-    batched+fork  [cond, twins, uncond]                patched, prefix before the first PAG layer on 2B rows
-    separate      [cond, uncond] + [cond]              second call patched, all rows marked
-    pag-only      [cond, twins] (CFG 1)                patched
-    pag-only+fork [cond, twins] (CFG 1)                patched and forked
+``extension`` (default): the real extension code path. Each configuration is a real txt2img job on the
+A1111 1.10 double (``tests/webui``) with ``scripts/pag.py`` loaded like the host loads it, the model a
+``TinyLatentDiffusion`` around the real ldm ``UNetModel`` (SD1.5 layout) or the sgm double (SDXL
+layout). ``process_images`` runs the script hooks, the conds and the k-diffusion sampler; the sampling
+function is replaced by one that parks the job at its first step, so every configuration stays alive
+at once and a timed step is one denoiser call ``sampler.model_wrap_cfg(x, sigma, cond=…, uncond=…,
+cond_scale=…, s_min_uncond=0, image_cond=…)`` exactly as k-diffusion makes it: ``CFGDenoiser.forward``,
+the extension's CFG callbacks and inner-model wrapper (``AttentionPatch``, ``lib_pag.fork``), the
+k-diffusion ``CompVisDenoiser`` and the UNet.
 
-Defaults (CPU, reduced widths, real SD1.5 / SDXL block layouts) finish in well under 3 minutes on
-2 cores. On a GPU: ``--device cuda --fp16 --full-sdxl`` (SDXL at its real sizes, random weights;
-``--full-sd15`` likewise). The last line is ``RATIO fork=… batched=… separate=…`` for the first
-``--layers`` setting (default ``mid``) of the last model run (default: the SDXL layout).
+    cfg           PAG off                               UNet [cond, uncond]
+    batched       PAG on, SD_WEBUI_PAG_NO_FORK=1        UNet [cond, twins, uncond]
+    batched+fork  PAG on (the default)                  the same, prefix before the first PAG layer on 2B rows
+    separate      PAG on, mode "separate"               UNet [cond, uncond] + [cond]
+    pag-only      PAG on, CFG 1, SD_WEBUI_PAG_NO_FORK=1 UNet [cond, twins] (twins in the uncond slot)
+    pag-only+fork PAG on, CFG 1                         the same, forked
+
+``unet``: the UNet calls alone, built with the extension's row layouts, the real ``AttentionPatch``/
+``RowMarks`` and ``lib_pag.fork`` (no WebUI, no sampler).
+
+Defaults (CPU, reduced widths, real SD1.5 / SDXL block layouts) finish in under 3 minutes on 2 cores.
+On a GPU: ``--device cuda --fp16 --full-sdxl`` (SDXL at its real sizes, random weights; ``--full-sd15``
+likewise). ``--dry-run`` builds every model and configuration with tiny widths and runs one step of
+each (on the CPU when CUDA is missing), to check a flag combination without the hardware. The last
+line is ``RATIO fork=… batched=… separate=…`` for the first ``--layers`` setting (default ``mid``) of
+the last model run (default: the SDXL layout).
 """
 
 from __future__ import annotations
@@ -23,11 +36,13 @@ import argparse
 import ctypes
 import gc
 import os
+import queue
 import statistics
 import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +53,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 from lib_pag import AttentionPatch, RowMarks, build_catalog, resolve_layers  # noqa: E402
-from lib_pag.fork import first_perturbed_stage, forking, register_original_forward  # noqa: E402
+from lib_pag.fork import DISABLE_ENV, first_perturbed_stage, forking, register_original_forward  # noqa: E402
 from lib_pag.rows import perturbed_mask  # noqa: E402
 
 CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+fork")
@@ -46,37 +61,58 @@ CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+f
 
 # --- models ---------------------------------------------------------------------------------------
 
-def build_sd15(args, device, dtype):
+@dataclass
+class Sizes:
+    channels: int
+    context_dim: int
+    adm: int | None
+    latent: int
+    tokens: int
+    full: bool  # the model's real sizes
+
+
+def model_sizes(name, args) -> Sizes:
+    sdxl = name == "sdxl"
+    full = args.full_sdxl if sdxl else args.full_sd15
+    if args.dry_run:
+        return Sizes(32, 32, 32 if sdxl else None, 8, 4, False)
+    if full:
+        return Sizes(320, 2048, 2816, 128, 77, True) if sdxl else Sizes(320, 768, None, 64, 77, True)
+    return Sizes(args.channels, args.context_dim, 256 if sdxl else None, args.latent, args.tokens, False)
+
+
+def build_sd15(sizes, device, dtype):
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from unets import randomize_zero_init
 
-    full = args.full_sd15
     torch.manual_seed(0)
     unet = UNetModel(
-        image_size=64, in_channels=4, out_channels=4, model_channels=320 if full else args.channels,
+        image_size=64, in_channels=4, out_channels=4, model_channels=sizes.channels,
         attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8,
-        use_spatial_transformer=True, transformer_depth=1, context_dim=768 if full else args.context_dim, legacy=False,
+        use_spatial_transformer=True, transformer_depth=1, context_dim=sizes.context_dim, legacy=False,
     )
     randomize_zero_init(unet)
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     unet.dtype = dtype  # what A1111 sets (ldm casts x to it)
-    latent = 64 if full else args.latent
-    return unet, latent, 77, (768 if full else args.context_dim), None
+    return unet
 
 
-def build_sdxl(args, device, dtype):
+def build_sdxl(sizes, device, dtype):
     from tests.doubles import sgm_unet
 
     register_original_forward(sgm_unet.UNetModel.forward, "sgm")
-    if args.full_sdxl:
+    if sizes.full:
         unet = sgm_unet.make_sdxl_base(tiny=False, device=device, dtype=dtype)
-        return unet.eval(), 128, 77, 2048, 2816
-    unet = sgm_unet.make_sdxl_base(tiny=False, model_channels=args.channels, num_head_channels=32,
-                                   context_dim=args.context_dim, adm_in_channels=256, device=device, dtype=dtype)
-    return unet.eval(), args.latent, 77, args.context_dim, 256
+    else:
+        unet = sgm_unet.make_sdxl_base(tiny=False, model_channels=sizes.channels, num_head_channels=32,
+                                       context_dim=sizes.context_dim, adm_in_channels=sizes.adm, device=device, dtype=dtype)
+    return unet.eval().requires_grad_(False)
 
 
-# --- one step per configuration -------------------------------------------------------------------
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
+
+
+# --- unet path: one step per configuration, the UNet calls alone ------------------------------------
 
 def make_inputs(batch, latent, tokens, ctx_dim, adm, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -127,6 +163,214 @@ def step_fns(unet, selection, cond, uncond, batch):
         "pag-only": lambda: patched(pag_in, pag_mask),
         "pag-only+fork": lambda: patched(pag_in, pag_mask, fork=True),
     }
+
+
+# --- extension path: one denoiser step of a real txt2img job per configuration ------------------------
+
+EXTENSION_CONFIGS = {  # name: (PAG enabled, PAG mode, CFG scale 1, fork switched off)
+    "cfg": (False, "batched", False, False),
+    "batched": (True, "batched", False, True),
+    "batched+fork": (True, "batched", False, False),
+    "separate": (True, "separate", False, False),
+    "pag-only": (True, "batched", True, True),
+    "pag-only+fork": (True, "batched", True, False),
+}
+
+
+def import_webui(device, dtype):
+    """The WebUI double and the harness, with ``devices`` set as A1111 sets them for this device/dtype."""
+    if device.type == "cuda":
+        os.environ["WEBUI_DOUBLE_DEVICE"] = str(device)  # read when modules.devices is imported
+    import a1111_harness  # puts tests/webui on sys.path
+    from modules import devices
+
+    devices.device = device
+    devices.dtype = devices.dtype_unet = dtype  # fp16: devices.autocast() is torch.autocast, as in A1111
+    return a1111_harness
+
+
+def wrap_model(name, unet, sizes, device):
+    """What ``make_sd15_model`` / ``make_sdxl_model`` build, with ``sizes.tokens`` tokens per prompt chunk
+    (the factories fix the tests' 4; CLIP gives 77) and the real or reduced widths."""
+    from modules.sd_models_double import TinyLatentDiffusion
+
+    if name == "sdxl":
+        model = TinyLatentDiffusion(unet, is_sdxl=True, context_dim=sizes.context_dim, adm_in_channels=sizes.adm,
+                                    tokens_per_chunk=sizes.tokens, title="bench-sdxl")
+    else:
+        model = TinyLatentDiffusion(unet, conditioning_key="crossattn", context_dim=sizes.context_dim,
+                                    tokens_per_chunk=sizes.tokens, title="bench-sd15")
+    return model.to(device).eval().requires_grad_(False)  # the UNet keeps its dtype; the schedule stays fp32
+
+
+class ParkedJob:
+    """One real txt2img job, in its own thread, parked at its first sampler step.
+
+    ``processing.process_images`` runs the script hooks (``process`` starts the PAG job), builds the
+    conds and the k-diffusion sampler; the sampler's function (``sample_euler``, replaced while the
+    sampler is created) parks there and serves requests: each runs one denoiser step the way
+    k-diffusion calls it. ``release`` lets the job finish (``postprocess`` ends the PAG job).
+    """
+
+    def __init__(self, name, p, processing, threads, no_fork):
+        self.name, self.p, self.processing = name, p, processing
+        self.threads, self.no_fork = threads, no_fork
+        self.requests: queue.Queue = queue.Queue()
+        self.replies: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"job {name}", daemon=True)
+        self.denoiser = self.x = self.sigmas = self.extra = None
+
+    def _run(self):
+        torch.set_num_threads(self.threads)  # per thread for OpenMP
+        try:
+            self.processing.process_images(self.p)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            self.replies.put(("error", err))
+        else:
+            self.replies.put(("done", None))
+
+    def _sampling(self, model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        self.denoiser, self.x, self.sigmas, self.extra = model, x, sigmas, extra_args
+        self.replies.put(("ready", None))
+        while True:
+            request = self.requests.get()
+            if request is None:
+                return x
+            try:
+                self.replies.put(("ok", request()))
+            except BaseException as err:  # noqa: BLE001
+                self.replies.put(("error", err))
+
+    def _reply(self, expected):
+        kind, value = self.replies.get()
+        if kind == "error":
+            raise RuntimeError(f"{self.name}: the txt2img job failed") from value
+        if kind != expected:
+            raise RuntimeError(f"{self.name}: job answered {kind!r}, not {expected!r}")
+        return value
+
+    def start(self):
+        import k_diffusion.sampling
+
+        original = k_diffusion.sampling.sample_euler
+        k_diffusion.sampling.sample_euler = self._sampling  # KDiffusionSampler.__init__ looks it up
+        try:
+            self.thread.start()
+            self._reply("ready")
+        finally:
+            k_diffusion.sampling.sample_euler = original
+        return self
+
+    def run(self, fn):
+        """``fn()`` in the job's thread, inside its sampler (no_grad, autocast as the host sets them)."""
+        self.requests.put(fn)
+        return self._reply("ok")
+
+    def step(self):
+        """One denoiser call at the first sigma, as ``sample_euler`` makes it (step counter kept at 0)."""
+        if self.no_fork:
+            os.environ[DISABLE_ENV] = "1"
+        else:
+            os.environ.pop(DISABLE_ENV, None)
+        self.denoiser.step = 0
+        sigma = self.sigmas[0] * self.x.new_ones([self.x.shape[0]])
+        return self.denoiser(self.x, sigma, **self.extra)
+
+    def release(self):
+        if self.thread.is_alive():
+            self.requests.put(None)
+            self._reply("done")
+            self.thread.join()
+
+
+@contextmanager
+def row_probe(unet):
+    """Rows of every UNet call made inside the block, and how many of them ran the first input block."""
+    calls = []
+
+    def on_unet(module, args):
+        calls.append([int(args[0].shape[0]), 0])
+
+    def on_first_block(module, args):
+        if calls:
+            calls[-1][1] += int(args[0].shape[0])
+
+    hooks = [unet.register_forward_pre_hook(on_unet), unet.input_blocks[0].register_forward_pre_hook(on_first_block)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def describe_rows(calls):
+    return "+".join(f"{n}" if prefix == n else f"{n} (prefix {prefix})" for n, prefix in calls) or "none"
+
+
+def bench_model_extension(name, model, sizes, args, device, sampler, harness):
+    from modules import processing, shared
+
+    unet = model.model.diffusion_model
+    catalog = build_catalog(unet)
+    shared.opts.data["batch_cond_uncond"] = True  # the host's default: cond and uncond rows in one UNet call
+    harness.load_webui(model, with_xyz=False)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = []
+    try:
+        for spec in args.layers:
+            point = first_perturbed_stage(resolve_layers(spec, catalog))
+            names = [c for c in CONFIGS if point is not None or "fork" not in c]
+            jobs = {}
+            try:
+                for c in names:
+                    enabled, mode, cfg1, no_fork = EXTENSION_CONFIGS[c]
+                    p = harness.txt2img([{"enabled": enabled, "scale": 3.0, "layers": spec, "mode": mode}],
+                                        width=8 * sizes.latent, height=8 * sizes.latent, steps=args.steps,
+                                        batch_size=args.batch, cfg_scale=1.0 if cfg1 else 5.0, sampler_name="Euler")
+                    jobs[c] = ParkedJob(c, p, processing, args.threads, no_fork).start()
+
+                def timed(job):
+                    def fn():
+                        sync()
+                        t0 = clock()
+                        out = job.step()
+                        sync()
+                        return clock() - t0, out
+                    return job.run(fn)
+
+                layouts, outs = {}, {}
+                for c in names:  # warm-up, with the rows of each UNet call recorded
+                    with row_probe(unet) as calls:
+                        outs[c] = timed(jobs[c])[1]
+                    layouts[c] = describe_rows(calls)
+                times = {c: [] for c in names}
+                for _ in range(args.repeats):  # round-robin, so drift hits every configuration alike
+                    for c in names:
+                        times[c].append(timed(jobs[c])[0])
+                memory = {}
+                with sampler.exact_rss():  # after the timings: it slows allocation down
+                    for c in names:
+                        memory[c] = peak_memory(lambda job=jobs[c]: job.run(job.step), device, sampler)
+            finally:
+                for job in jobs.values():
+                    job.release()
+            err = None
+            if point is not None:
+                err = max(relative_difference(outs["batched"], outs["batched+fork"]),
+                          relative_difference(outs["pag-only"], outs["pag-only+fork"]))
+            pag_effect = relative_difference(outs["cfg"], outs["batched"])
+            results.append((name, spec, point, {c: statistics.median(v) for c, v in times.items()}, memory, err,
+                            {"rows": layouts, "pag_effect": pag_effect}))
+    finally:
+        os.environ.pop(DISABLE_ENV, None)
+        harness.unload_webui()
+    return results
+
+
+def relative_difference(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -210,18 +454,17 @@ def peak_memory(fn, device, sampler):
     return sampler.measure(fn)
 
 
-def bench_model(name, unet, latent, tokens, ctx_dim, adm, args, device, dtype, sampler):
+def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
     catalog = build_catalog(unet)
-    cond, uncond = make_inputs(args.batch, latent, tokens, ctx_dim, adm, device, dtype)
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    cond, uncond = make_inputs(args.batch, sizes.latent, sizes.tokens, sizes.context_dim, sizes.adm, device, dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     results = []
     for spec in args.layers:
         selection = resolve_layers(spec, catalog)
         point = first_perturbed_stage(selection)
         fns = step_fns(unet, selection, cond, uncond, args.batch)
         names = [c for c in CONFIGS if point is not None or "fork" not in c]
-
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
         def timed(fn):
             if device.type == "cuda":
@@ -244,11 +487,8 @@ def bench_model(name, unet, latent, tokens, ctx_dim, adm, args, device, dtype, s
             with sampler.exact_rss():  # after the timings: it slows allocation down
                 for c in names:
                     memory[c] = peak_memory(fns[c], device, sampler)
-        err = None
-        if check is not None:
-            a, b = (t.float() for t in check)
-            err = float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
-        results.append((name, spec, point, {c: statistics.median(v) for c, v in times.items()}, memory, err))
+        err = relative_difference(*check) if check is not None else None
+        results.append((name, spec, point, {c: statistics.median(v) for c, v in times.items()}, memory, err, None))
     return results
 
 
@@ -256,6 +496,9 @@ def bench_model(name, unet, latent, tokens, ctx_dim, adm, args, device, dtype, s
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--path", choices=("extension", "unet"), default="extension",
+                    help="extension: denoiser steps of real txt2img jobs on the A1111 double (default); "
+                         "unet: the UNet calls alone")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp16", action="store_true", help="half precision (autocast on CUDA, like A1111)")
     ap.add_argument("--full-sdxl", action="store_true", help="SDXL at its real sizes (320 ch, 2048 ctx, 128² latent)")
@@ -266,53 +509,85 @@ def main(argv=None):
     ap.add_argument("--channels", type=int, default=64, help="model_channels of the reduced models")
     ap.add_argument("--context-dim", type=int, default=256, help="text-embedding width of the reduced models")
     ap.add_argument("--latent", type=int, default=32, help="latent side of the reduced models")
+    ap.add_argument("--tokens", type=int, default=77, help="text tokens per prompt of the reduced models")
+    ap.add_argument("--steps", type=int, default=20, help="extension path: the jobs' sampling steps (sets the sigma)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 7 CPU, 20 GPU)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on shared cores, multi-threaded ops stall on a busy core)")
     ap.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                     help="cpu: process CPU time, immune to other processes on shared cores (auto on CPU); "
                          "wall: perf_counter with cuda.synchronize (auto on CUDA)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny widths, one timed step: check that a flag combination builds and runs "
+                         "(on the CPU when CUDA is missing)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    if args.fp16 and device.type != "cuda":
+    note = ""
+    if args.dry_run and device.type == "cuda" and not torch.cuda.is_available():
+        device, note = torch.device("cpu"), " (dry run: no CUDA here, on the CPU instead)"
+    if args.fp16 and device.type != "cuda" and not args.dry_run:
         ap.error("--fp16 needs --device cuda (the UNets run fp16 under autocast, as in A1111)")
     dtype = torch.float16 if args.fp16 else torch.float32
+    weights = dtype  # the UNet's parameters: fp16 like A1111 with --fp16
+    if dtype != torch.float32 and device.type == "cpu":  # a dry run: CPU group_norm wants fp32 parameters
+        weights = torch.float32
+        note += f"; fp32 weights, autocast to {dtype if args.path == 'unet' else torch.get_autocast_dtype('cpu')} on the CPU"
     torch.set_num_threads(args.threads)
     if args.clock == "auto":
         args.clock = "wall" if device.type == "cuda" or args.threads != 1 else "cpu"
     if args.repeats is None:
-        args.repeats = 20 if device.type == "cuda" else 7
+        args.repeats = 1 if args.dry_run else 20 if device.type == "cuda" else 7
     sampler = RssSampler()
-    mem_note = ("torch.cuda.max_memory_allocated above the weights and inputs" if device.type == "cuda" else
+    mem_note = ("torch.cuda.max_memory_allocated above the level before the step" if device.type == "cuda" else
                 "peak RSS above the level before the step, sampled from /proc every 0.5 ms, glibc set to unmap "
                 "freed tensors at once" if sampler.available else "n/a (no /proc)")
-    print(f"torch {torch.__version__}, device {device}"
+    what = ("extension: one denoiser step (CFGDenoiser + scripts/pag.py + k-diffusion wrapper + UNet) of real "
+            "txt2img jobs on the A1111 1.10 double" if args.path == "extension" else
+            "unet: the UNet calls of one step, extension row layouts + AttentionPatch + lib_pag.fork")
+    print(f"torch {torch.__version__}, device {device}{note}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
           f"threads {torch.get_num_threads()}, batch {args.batch} image(s), {args.repeats} timed steps each, "
           f"{'process CPU' if args.clock == 'cpu' else 'wall-clock'} time")
+    print(f"path {what}")
     print(f"memory: {mem_note}")
 
-    builders = {"sd15": build_sd15, "sdxl": build_sdxl}
+    webui = import_webui(device, dtype) if args.path == "extension" else None
+    saved_env = os.environ.get(DISABLE_ENV)
     everything = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        t0 = time.perf_counter()
-        unet, latent, tokens, ctx_dim, adm = builders[name](args, device, dtype)
-        params = sum(p.numel() for p in unet.parameters()) / 1e6
-        full = args.full_sdxl if name == "sdxl" else args.full_sd15
-        label = f"{name}{'' if full else '-shaped'} ({params:.0f}M params, model_channels {unet.model_channels}, latent {latent}²)"
-        results = bench_model(label, unet, latent, tokens, ctx_dim, adm, args, device, dtype, sampler)
-        everything += results
-        print_table(results)
-        print(f"  ({time.perf_counter() - t0:.0f} s)")
-        del unet
-        gc.collect()
+    try:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            t0 = time.perf_counter()
+            sizes = model_sizes(name, args)
+            unet = BUILDERS[name](sizes, device, weights)
+            params = sum(p.numel() for p in unet.parameters()) / 1e6
+            label = (f"{name}{'' if sizes.full else '-shaped'}{' (dry run)' if args.dry_run else ''} "
+                     f"({params:.0f}M params, model_channels {unet.model_channels}, latent {sizes.latent}², "
+                     f"{sizes.tokens} tokens)")
+            if args.path == "extension":
+                model = wrap_model(name, unet, sizes, device)
+                results = bench_model_extension(label, model, sizes, args, device, sampler, webui)
+                del model
+            else:
+                results = bench_model_unet(label, unet, sizes, args, device, dtype, sampler)
+            everything += results
+            print_table(results)
+            print(f"  ({time.perf_counter() - t0:.0f} s)")
+            del unet
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if saved_env is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = saved_env
 
     first = [r for r in everything if r[1] == args.layers[0] and r[2] is not None]
     if not first:
         print("RATIO fork=n/a batched=n/a separate=n/a")
         return
-    _, _, _, times, _, _ = first[-1]
+    times = first[-1][3]
     cfg = times["cfg"]
     print(f"RATIO fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} "
           f"separate={times['separate'] / cfg:.2f}")
@@ -323,15 +598,21 @@ def fmt_mem(b):
 
 
 def print_table(results):
-    for name, spec, point, times, memory, err in results:
+    for name, spec, point, times, memory, err, extra in results:
         print()
         print(f"{name}, PAG layers {spec!r}, fork before {point if point is not None else '— (off)'}")
-        print(f"  {'configuration':<15}{'median step':>14}{'× CFG':>8}{'peak memory':>16}")
+        print(f"  {'configuration':<15}{'median step':>14}{'× CFG':>8}{'peak memory':>16}"
+              + ("  rows per UNet call" if extra else ""))
         cfg = times["cfg"]
         for c, t in times.items():
-            print(f"  {c:<15}{t * 1e3:>11.1f} ms{t / cfg:>8.2f}{fmt_mem(memory.get(c)):>16}")
+            line = f"  {c:<15}{t * 1e3:>11.1f} ms{t / cfg:>8.2f}{fmt_mem(memory.get(c)):>16}"
+            if extra:
+                line += f"  {extra['rows'][c]}"
+            print(line)
         if err is not None:
             print(f"  fork vs batched: max relative difference {err:.1e}")
+        if extra:
+            print(f"  PAG vs CFG output: max relative difference {extra['pag_effect']:.1e}")
 
 
 if __name__ == "__main__":
