@@ -28,7 +28,7 @@ from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams, field_names
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
-from .rows import perturbed_mask, row_offset, same_dict_type, twin_cond, twin_rows
+from .rows import perturbed_mask, row_offset, rows_of, twin_cond, twin_rows
 
 log = logging.getLogger("sd_webui_pag")
 INFOTEXT_PREFIX = "PAG "
@@ -320,17 +320,15 @@ def on_cfg_denoiser(params) -> None:
     call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
     layout = job.params.mode
     if job.params.mode == "separate":
-        call.separate = (params.x[:n_cond], params.sigma[:n_cond], _slice(params.image_cond, n_cond), params.text_cond)
+        call.separate = (params.x[:n_cond], params.sigma[:n_cond], rows_of(params.image_cond, 0, n_cond), params.text_cond)
     elif uncond_slot_is_free(den, conds_list, n_cond, batch, params):
         # CFG scale 1: the uncond rows cannot reach the image, so they carry the perturbed twins (2 rows, not 3)
         layout = "uncond slot"
-        params.x = torch.cat([params.x[:n_cond], params.x[:n_cond]])
-        params.sigma = torch.cat([params.sigma[:n_cond], params.sigma[:n_cond]])
-        if params.image_cond is not None:
-            params.image_cond = torch.cat([params.image_cond[:n_cond], params.image_cond[:n_cond]])
-        params.text_uncond = same_dict_type(params.text_cond, dict(params.text_cond)) \
-            if isinstance(params.text_cond, dict) else params.text_cond
-        call.x_in, call.mask = params.x, torch.arange(2 * n_cond) >= n_cond
+        params.x = twin_rows(rows_of(params.x, 0, n_cond), n_cond)
+        params.sigma = twin_rows(rows_of(params.sigma, 0, n_cond), n_cond)
+        params.image_cond = twin_rows(rows_of(params.image_cond, 0, n_cond), n_cond)
+        params.text_uncond = rows_of(params.text_cond, 0, n_cond)  # a copy of the same class (DictWithShape)
+        call.x_in, call.mask = params.x, perturbed_mask(n_cond, 0)
         call.in_uncond_slot = True
     else:
         params.x = twin_rows(params.x, n_cond)
@@ -365,14 +363,6 @@ def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> boo
     if params.x.shape[0] != 2 * n_cond or getattr(den, "image_cfg_scale", None) not in (None, 1.0):
         return False
     return True
-
-
-def _slice(t, n):
-    if t is None:
-        return None
-    if isinstance(t, dict):
-        return {k: v[:n] for k, v in t.items()}
-    return t[:n]
 
 
 def on_cfg_denoised(params) -> None:
@@ -463,7 +453,6 @@ def run_separate(job: Job, denoiser) -> torch.Tensor:
 
     call = job.call
     x, sigma, image_cond, text_cond = call.separate
-    model = shared.sd_model
     n = x.shape[0]
     chunk = n if getattr(shared.opts, "batch_cond_uncond", True) else max(1, len(call.conds_list))
     outputs = []
@@ -471,20 +460,14 @@ def run_separate(job: Job, denoiser) -> torch.Tensor:
     try:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            cond = make_condition_dict(model, _slice_rows(text_cond, a, b), None if image_cond is None else image_cond[a:b])
+            cond = make_condition_dict(rows_of(text_cond, a, b), rows_of(image_cond, a, b))
             outputs.append(denoiser.inner_model(x[a:b], sigma[a:b], cond=cond))
     finally:
         call.running_separate = False
     return torch.cat(outputs)
 
 
-def _slice_rows(t, a, b):
-    if isinstance(t, dict):
-        return {k: v[a:b] for k, v in t.items()}
-    return t[a:b]
-
-
-def make_condition_dict(model, text_cond, image_cond):
+def make_condition_dict(text_cond, image_cond):
     """What A1111's ``CFGDenoiser.forward`` builds for the inner model (crossattn / SDXL dict)."""
     if isinstance(text_cond, dict):
         return {**text_cond, "c_concat": [image_cond]}

@@ -19,6 +19,15 @@ def twin_rows(t, n_cond: int):
     return torch.cat([t[:n_cond], t[:n_cond], t[n_cond:]])
 
 
+def rows_of(t, a: int, b: int):
+    """Rows ``a:b`` of a tensor or of every tensor of a dict (SDXL conds); None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, dict):
+        return same_dict_type(t, {k: v[a:b] for k, v in t.items()})
+    return t[a:b]
+
+
 def same_dict_type(original: dict, values: dict) -> dict:
     """``values`` in the class of ``original``: A1111's ``DictWithShape`` (the host reads its ``.shape``).
 
