@@ -392,10 +392,10 @@ def on_cfg_after_cfg(params) -> None:
     den = call.denoiser
     x = params.x
     guided = x.float() + call.delta.float()
-    if call.reference is not None:
-        guided = rescale_guided(guided, call.reference.float(), job.params.rescale)
-    mask = getattr(den, "mask", None)
-    if mask is not None and not getattr(den, "mask_before_denoising", False):
+    blended = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
+    if call.reference is not None:  # with the inpaint blend done, measure only the repainted area
+        guided = rescale_guided(guided, call.reference.float(), job.params.rescale, den.nmask if blended else None)
+    if blended:
         guided = x.float() + (guided - x.float()) * den.nmask.float()  # the inpaint blend already ran
     params.x = guided.to(x.dtype)
 

@@ -96,14 +96,23 @@ def _check(raw: bytes, title, current_unet) -> PagError | None:
     try:
         args = pag_args_of(body, title)
         if args is not None:
-            try:
-                unet = current_unet()
-            except Exception:
-                unet = None
-            validate_request_args(args, unet)
+            validate_request_args(args, None if switches_checkpoint(body) else _loaded(current_unet))
     except PagError as err:
         return err
     return None
+
+
+def switches_checkpoint(body: dict) -> bool:
+    """A request that loads another checkpoint first: its layers can only be checked by the job itself."""
+    overrides = body.get("override_settings")
+    return isinstance(overrides, dict) and bool(overrides.get("sd_model_checkpoint"))
+
+
+def _loaded(current_unet):
+    try:
+        return current_unet()
+    except Exception:
+        return None
 
 
 def _replay(messages, original):

@@ -59,14 +59,28 @@ def multicond_reference(cond_rows: torch.Tensor, conds_list: Conds) -> torch.Ten
     return torch.stack(rows).to(cond_rows.dtype)
 
 
-def rescale_guided(guided: torch.Tensor, reference: torch.Tensor, phi: float) -> torch.Tensor:
-    """Guidance rescale: bring each image's std back to the conditional prediction's, mixed by ``phi``."""
+def rescale_guided(guided: torch.Tensor, reference: torch.Tensor, phi: float,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Guidance rescale: bring each image's std back to the conditional prediction's, mixed by ``phi``.
+
+    ``weight`` (broadcastable, e.g. an inpaint ``nmask``) restricts both stds to the weighted elements,
+    so what lies outside (the kept init latent) cannot change the result inside.
+    """
     if phi == 0:
         return guided
     g, r = _f32(guided), _f32(reference)
-    dims = tuple(range(1, g.ndim))
-    ratio = r.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    ratio = _std(r, weight) / _std(g, weight).clamp_min(1e-12)
     return (phi * (g * ratio) + (1 - phi) * g).to(guided.dtype)
+
+
+def _std(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    dims = tuple(range(1, t.ndim))
+    if weight is None:
+        return t.std(dim=dims, keepdim=True)
+    w = torch.broadcast_to(_f32(weight), t.shape)
+    total = w.sum(dim=dims, keepdim=True).clamp_min(1e-12)
+    mean = (w * t).sum(dim=dims, keepdim=True) / total
+    return ((w * (t - mean) ** 2).sum(dim=dims, keepdim=True) / total).sqrt()
 
 
 # --- schedule ------------------------------------------------------------------------------------

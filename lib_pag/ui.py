@@ -46,12 +46,23 @@ def groups_in(layers: str) -> list[str]:
 
 
 def with_groups(layers: str, groups: list[str]) -> str:
-    """The layer text with its group entries replaced by the ticked groups, fine names kept."""
+    """The layer text after the group boxes changed: entries keep their order and strengths, a group
+    entry loses the parts that were unticked, newly ticked groups are appended at full strength."""
     try:
-        fine = [s.text for s in parse_layer_spec(layers) if not s.parts]
+        selectors = parse_layer_spec(layers)
     except PagError:
-        fine = []
-    return ",".join([g for g in PARTS if g in groups] + fine)
+        selectors = ()
+    entries, covered = [], set()
+    for s in selectors:
+        if not s.parts:
+            entries.append(s.text)
+            continue
+        kept = [part for part in s.parts if part in groups]
+        covered.update(kept)
+        suffix = s.text[s.text.index(":"):] if ":" in s.text else ""
+        entries += [s.text] if kept == list(s.parts) else [part + suffix for part in kept]
+    entries += [part for part in PARTS if part in groups and part not in covered]
+    return ",".join(entries)
 
 
 def layer_map_html(layers: str, unet=None) -> str:

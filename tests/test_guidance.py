@@ -96,3 +96,17 @@ def test_scale_for_step_follows_params_and_hires_setting():
     assert scale_for_step(PagParams(enabled=True, hires="same"), step=0, total_steps=10, hires=True) == 3.0
     assert scale_for_step(PagParams(enabled=False), step=0, total_steps=10) == 0.0
     assert scale_for_step(PagParams(enabled=True, scale=0.0), step=0, total_steps=10) == 0.0
+
+
+def test_weighted_rescale_ignores_what_the_weight_excludes():
+    guided, cond = rand(1, 4, 8, 8, seed=8) * 3, rand(1, 4, 8, 8, seed=9)
+    weight = torch.zeros(1, 4, 8, 8)
+    weight[..., :4] = 1.0
+    a = rescale_guided(guided, cond, 0.5, weight)
+    changed = guided.clone()
+    changed[..., 4:] += 100.0  # outside the weight
+    b = rescale_guided(changed, cond, 0.5, weight)
+    torch.testing.assert_close(a[..., :4], b[..., :4], rtol=0, atol=1e-5)
+    inside = guided[..., :4]
+    ratio = cond[..., :4].std(unbiased=False) / inside.std(unbiased=False)
+    torch.testing.assert_close(a[..., :4], 0.5 * inside * ratio + 0.5 * inside, rtol=0, atol=1e-5)

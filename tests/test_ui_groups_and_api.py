@@ -1,0 +1,53 @@
+import pytest
+from lib_pag.ui import with_groups, groups_in
+from lib_pag.layers import resolve_layers, build_catalog
+from lib_pag import api
+from modules import sd_models_double
+
+
+def strengths(spec, unet):
+    return {l.name: s for l, s in resolve_layers(spec, build_catalog(unet)).chosen}
+
+
+def test_ticking_an_unrelated_group_keeps_existing_strengths():
+    unet = sd_models_double.make_sd15_model(seed=1).model.diffusion_model
+    for spec in ("mid:0.5", "u0:0.5,up", "all:0.5"):
+        ticked = groups_in(spec) + (["down"] if "down" not in groups_in(spec) else [])
+        new = with_groups(spec, ticked)
+        before, after = strengths(spec, unet), strengths(new, unet)
+        changed = {k: (before[k], after[k]) for k in before if after.get(k) != before[k]}
+        print(repr(spec), "+ tick down ->", repr(new), "changed:", changed)
+        assert not changed, (spec, new, changed)
+
+
+def test_api_checks_layers_against_the_model_the_request_will_use():
+    """A request that switches to SDXL (override_settings) with an SDXL-only layer name."""
+    sd15_unet = sd_models_double.make_sd15_model(seed=1).model.diffusion_model
+    body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sd_xl_base_1.0"},
+            "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "m0.5"}]}}}
+    import json
+    err = api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet)
+    print(err)
+    assert err is None
+
+
+@pytest.mark.parametrize("spec, groups, expected", [
+    ("all:0.5", ["mid", "up"], "mid:0.5,up:0.5"),
+    ("mid,u0", [], "u0"),
+    ("u0:0.5", ["up"], "u0:0.5,up"),
+    ("mid:0.5,m0.3", ["mid", "down"], "mid:0.5,m0.3,down"),
+])
+def test_group_boxes_edit_the_text_in_place(spec, groups, expected):
+    assert with_groups(spec, groups) == expected
+
+
+def test_api_without_a_checkpoint_switch_still_checks_the_loaded_model():
+    import json
+
+    sd15_unet = sd_models_double.make_sd15_model(seed=1).model.diffusion_model
+    body = {"prompt": "x", "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "m0.5"}]}}}
+    err = api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet)
+    assert err is not None and err.field == "PAG layers"
+    body["alwayson_scripts"]["pag"]["args"][0]["layers"] = "m0.x"  # syntax is checked either way
+    body["override_settings"] = {"sd_model_checkpoint": "sd_xl_base_1.0"}
+    assert api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet).field == "PAG layers"
