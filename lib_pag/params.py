@@ -27,7 +27,7 @@ def _meta(label, kind, lo=None, hi=None, choices=None, infinite_ok=False, writte
 
 @dataclass(frozen=True)
 class PagParams:
-    enabled: bool = field(default=False, metadata=_meta("PAG enabled", bool))
+    enabled: bool = field(default=False, metadata=_meta("PAG enabled", bool, written="always"))
     scale: float = field(default=3.0, metadata=_meta("PAG scale", float, 0.0, MAX_SCALE, written="always"))
     layers: str = field(default="mid,up", metadata=_meta("PAG layers", "layers", written="always"))
     method: str = field(default="identity", metadata=_meta("PAG method", str, choices=METHODS))
@@ -92,15 +92,13 @@ class PagParams:
     # --- output ---
 
     def to_infotext(self) -> dict:
-        """Infotext entries for an enabled run: always scale and layers, the rest when not default."""
+        """Infotext entries for an enabled run: always enabled, scale and layers, the rest when not default."""
         if not self.enabled:
             return {}
         default = PagParams()
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "enabled":
-                continue
             relevant = _relevant(self, f.name)
             if relevant and (f.metadata["written"] == "always" or value != getattr(default, f.name)):
                 out[f.metadata["label"]] = _format(value)
@@ -155,6 +153,8 @@ def _relevant(p: PagParams, name: str) -> bool:
 
 
 def _format(value):
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         return format_number(value)
     return value

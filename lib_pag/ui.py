@@ -12,7 +12,7 @@ import math
 from contextlib import contextmanager
 
 from .errors import PagError
-from .layers import GROUP_ALIASES, PARTS, build_catalog, parse_layer_spec, resolve_layers
+from .layers import GROUP_ALIASES, PARTS, build_catalog, format_number, parse_layer_spec, resolve_layers
 from .maps import example_catalog, layer_map_svg, schedule_svg
 from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, label_of
 
@@ -84,16 +84,35 @@ def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 
     return schedule_svg(params, steps, hires_steps=None if hires == "same" else steps // 2)
 
 
-def paste_entry(name: str):
-    """Infotext → control value; absent PAG keys give the defaults (and enabled=False)."""
-    def read(params: dict):
-        try:
-            value = getattr(PagParams.from_infotext(params), name)
-        except PagError as err:
-            log.error("PAG infotext not pasted: %s", err)
-            return None
-        return UI_INFINITY if isinstance(value, float) and math.isinf(value) else value
-    return read
+def _ui_text(value) -> str:
+    """A setting as the text the host's paste converts into the control's value."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format_number(UI_INFINITY if math.isinf(value) else value)
+    return str(value)
+
+
+def fill_pasted_params(_infotext: str, params: dict) -> None:
+    """``on_infotext_pasted``: complete the parsed infotext the way the PAG controls need it.
+
+    Like the host's own defaults for missing keys: with PAG keys present, every PAG key gets its value
+    (absent ones their default, ``PAG enabled: True``); without any, ``PAG enabled: False``. A bad PAG
+    value is reported and the PAG keys dropped, so the controls stay as they are.
+    """
+    labels = [label_of(name) for name in field_names()]
+    present = {k: params[k] for k in labels if k in params}
+    if not present:
+        params[label_of("enabled")] = "False"
+        return
+    try:
+        parsed = PagParams.from_infotext(present)
+    except PagError as err:
+        log.error("PAG infotext not pasted: %s", err)
+        for key in present:
+            del params[key]
+        return
+    params.update({label_of(name): _ui_text(getattr(parsed, name)) for name in field_names()})
 
 
 def fallback_accordion(gr):
@@ -163,8 +182,9 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
         groups.input(lambda g, text: gr.update(value=with_groups(text, g)), inputs=[groups, layers], outputs=[layers],
                      show_progress=False)
 
-    infotext_fields = [(control, paste_entry(name)) for name, control in controls.items()]
-    paste_field_names = [label_of(name) for name in field_names() if name != "enabled"]
+    # plain label keys: the host pastes them (completed by fill_pasted_params) and copies them between tabs
+    infotext_fields = [(control, label_of(name)) for name, control in controls.items()]
+    paste_field_names = [label_of(name) for name in field_names()]
     return ordered, infotext_fields, paste_field_names
 
 
@@ -177,4 +197,4 @@ def ui_args_to_params(args) -> PagParams:
     return PagParams.from_values(*values)
 
 
-__all__ = ["build_ui", "validation_message", "paste_entry", "groups_in", "with_groups", "ui_args_to_params", "GROUP_ALIASES"]
+__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups", "ui_args_to_params", "GROUP_ALIASES"]

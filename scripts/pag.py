@@ -6,7 +6,7 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 
 from lib_pag import a1111, api, forge, xyz
-from lib_pag.ui import build_ui
+from lib_pag.ui import build_ui, fill_pasted_params
 
 try:
     from modules.ui_components import InputAccordion
@@ -59,3 +59,4 @@ def _on_app_started(_demo, app):
 a1111.register_callbacks()
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_before_ui(lambda: xyz.register(scripts))
+script_callbacks.on_infotext_pasted(fill_pasted_params)

@@ -172,25 +172,50 @@ def test_jobs_do_not_leak_state(webui):
 # --- infotext ---------------------------------------------------------------------------------------
 
 def test_infotext_written_and_pasted_back(webui):
-    values = {"enabled": True, "scale": 4.5, "layers": "m0,u0-u2:0.5", "start": 0.1, "schedule": "cosine", "rescale": 0.25}
+    values = {"enabled": True, "scale": 4.5, "layers": "m0,u0-u2:0.5", "start": 0.1, "schedule": "cosine", "rescale": 0.25,
+              "method": "blur", "blur_sigma": float("inf")}
     p, processed = run([values])
     text = processed.infotexts[0]
-    assert "PAG scale: 4.5" in text and 'PAG layers: "m0,u0-u2:0.5"' in text and "PAG schedule: cosine" in text
-    assert "PAG method" not in text  # defaults are not repeated
-    params = infotext_utils.parse_generation_parameters(text)
+    assert "PAG enabled: True" in text and "PAG scale: 4.5" in text and 'PAG layers: "m0,u0-u2:0.5"' in text
+    assert "PAG schedule: cosine" in text and "PAG blur sigma: inf" in text
+    assert "PAG mode" not in text  # defaults are not repeated
     script, runner = pag_script()
-    fields = [(c, k) for c, k in script.infotext_fields]
-    infotext_utils.apply_updates(fields, infotext_utils.paste(fields, params))
-    pasted = {name: c.value for name, (c, _) in zip(
-        ["enabled", "scale", "layers", "method", "blur_sigma", "noise_scale", "start", "end", "sigma_start",
-         "sigma_end", "schedule", "rescale", "hires", "hires_scale", "mode"], fields)}
+    fields = list(script.infotext_fields)
+    names = ["enabled", "scale", "layers", "method", "blur_sigma", "noise_scale", "start", "end", "sigma_start",
+             "sigma_end", "schedule", "rescale", "hires", "hires_scale", "mode"]
+    # the host's paste: parse, infotext_pasted callbacks (ours completes the PAG keys), convert per control
+    infotext_utils.apply_updates(fields, infotext_utils.paste_text(fields, text))
+    pasted = {name: c.value for name, (c, _) in zip(names, fields)}
     assert pasted["enabled"] is True and pasted["scale"] == 4.5 and pasted["layers"] == "m0,u0-u2:0.5"
     assert pasted["start"] == 0.1 and pasted["schedule"] == "cosine" and pasted["rescale"] == 0.25
-    # an infotext without PAG keys turns PAG off and resets the rest
-    infotext_utils.apply_updates(fields, infotext_utils.paste(fields, infotext_utils.parse_generation_parameters(
-        "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512")))
-    assert fields[0][0].value is False and fields[1][0].value == 3.0
-    assert script.paste_field_names[:2] == ["PAG scale", "PAG layers"]
+    assert pasted["method"] == "blur" and pasted["blur_sigma"] == 1e6  # the UI's stand-in for inf
+    # pasting the settings back reproduces the image
+    again = processing.process_images(txt2img(list(pasted.values())))
+    assert torch.equal(latents(again), latents(processed))
+    # an infotext without PAG keys turns PAG off
+    infotext_utils.apply_updates(fields, infotext_utils.paste_text(
+        fields, "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512"))
+    assert fields[0][0].value is False
+    assert script.paste_field_names == [label for _, label in fields]
+
+
+def test_send_to_the_other_tab_copies_every_pag_control(webui):
+    """A1111's "Send to img2img" copies the controls whose infotext key is in paste_field_names."""
+    src, _ = pag_script(is_img2img=False)
+    dst, _ = pag_script(is_img2img=True)
+    copied_from = [c for c, key in src.infotext_fields if key in dst.paste_field_names]
+    copied_to = [c for c, key in dst.infotext_fields if key in src.paste_field_names]
+    assert len(copied_from) == len(copied_to) == 15
+
+
+def test_a_bad_pasted_value_leaves_the_controls_alone(webui, caplog):
+    script, _ = pag_script()
+    fields = list(script.infotext_fields)
+    before = [c.value for c, _ in fields]
+    with caplog.at_level(logging.ERROR, logger="sd_webui_pag"):
+        updates = infotext_utils.paste_text(fields, "a cat\nSteps: 20, PAG scale: 500, PAG layers: mid")
+    assert [c.value for c, _ in fields] == before and all(set(u) == {"__type__"} for u in updates), updates
+    assert "PAG scale: 500.0 is out of range" in caplog.text
 
 
 def test_disabled_run_writes_nothing(webui):
@@ -384,3 +409,14 @@ def test_fork_can_be_switched_off_for_debugging(webui, monkeypatch):
         hook.remove()
     assert seen == [3, 3, 2, 2]
     assert (latents(forked) - latents(unforked)).abs().max() <= 1e-5 * max(1.0, float(latents(unforked).abs().max()))
+
+
+def test_api_infotext_field_fills_the_pag_args(client):
+    named = request(client, [{"enabled": True, "scale": 4.0, "layers": "mid", "end": 0.5}])
+    assert named.status_code == 200, named.text
+    infotext = json.loads(named.json()["info"])["infotexts"][0]
+    assert "PAG enabled: True" in infotext
+    from_infotext = request(client, None, infotext=infotext)
+    plain = request(client, None)
+    assert from_infotext.status_code == 200, from_infotext.text
+    assert from_infotext.json()["images"] == named.json()["images"] != plain.json()["images"]

@@ -87,7 +87,7 @@ def test_infotext_round_trip_for_every_setting():
 
 def test_infotext_writes_only_what_matters():
     assert PagParams(enabled=False).to_infotext() == {}
-    assert PagParams(enabled=True).to_infotext() == {"PAG scale": "3", "PAG layers": "mid,up"}
+    assert PagParams(enabled=True).to_infotext() == {"PAG enabled": "True", "PAG scale": "3", "PAG layers": "mid,up"}
     # a parameter of another method, or hires scale without "own", does not change the image
     assert "PAG blur sigma" not in PagParams(enabled=True, blur_sigma=2.0).to_infotext()
     assert "PAG hires scale" not in PagParams(enabled=True, hires_scale=2.0).to_infotext()

@@ -14,8 +14,8 @@ raises (the double itself passes ``js=``, which is what Forge's ``EventWrapper``
 The accordion is built twice in one ``gr.Blocks()`` (txt2img and img2img tab, as the WebUI builds every
 always-on script once per tab; the API reads those same controls). Checked for each build: the 15
 controls in ``PagParams`` field order with their component types and defaults, the accordion itself,
-the infotext entries on sample parsed infotext (callable, returning plain values or ``gr.update``
-dicts; run through Forge's paste conversion and a real gradio event), the wired events (run through
+the infotext entries on sample parsed infotext (label keys completed by ``fill_pasted_params``, plain string values;
+run through Forge's paste conversion and a real gradio event), the wired events (run through
 ``Blocks.process_api``), and ``Blocks.get_config_file()`` serialised with ``json.dumps``.
 
 Prints one JSON summary on stdout; exits 1 when any check failed, 2 when it could not run at all.
@@ -139,6 +139,15 @@ def is_plain(value) -> bool:
         isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value))
 
 
+def _completed(params):
+    """The parsed infotext after the infotext_pasted callbacks, as Forge's paste function sees it."""
+    from lib_pag.ui import fill_pasted_params
+
+    params = dict(params)
+    fill_pasted_params("", params)
+    return params
+
+
 def forge_paste(fields, params):
     """Forge HEAD ``infotext_utils.connect_paste.paste_func`` for callables: value → ``gr.update``."""
     out = []
@@ -180,7 +189,7 @@ def main() -> int:
 
 def run_checks():
     from lib_pag.params import PRESETS, PagParams, field_names, label_of
-    from lib_pag.ui import UI_INFINITY, build_ui
+    from lib_pag.ui import UI_INFINITY, build_ui, fill_pasted_params
 
     c = Checks()
     c.check(gr.__version__ == EXPECTED_GRADIO, f"gradio {gr.__version__} is not {EXPECTED_GRADIO}")
@@ -204,7 +213,7 @@ def run_checks():
         # What Forge's connect_paste wires: one click setting every pasted control.
         for tab, b in builds.items():
             fields, before = b["infotext_fields"], set(blocks.fns)
-            b["paste_button"].click(lambda fields=fields: forge_paste(fields, SAMPLE_INFOTEXT), inputs=[],
+            b["paste_button"].click(lambda fields=fields: forge_paste(fields, _completed(SAMPLE_INFOTEXT)), inputs=[],
                                     outputs=[f[0] for f in fields], show_progress=False)
             (b["paste_fn"],) = set(blocks.fns) - before
 
@@ -244,23 +253,30 @@ def run_checks():
         # infotext entries
         c.check(len(fields) == 15 and {id(f[0]) for f in fields} == {id(x) for x in controls},
                 pre + "infotext_fields do not cover the 15 controls")
-        c.check(all(callable(key) for _, key in fields), pre + "an infotext entry is not callable")
-        c.check(b["paste_field_names"] == [label_of(n) for n in names if n != "enabled"], pre + "paste_field_names")
+        c.check([key for _, key in fields] == [label_of(n) for n in names], pre + "infotext keys are not the labels")
+        c.check(b["paste_field_names"] == [label_of(n) for n in names], pre + "paste_field_names")
         expected = PagParams.from_infotext(SAMPLE_INFOTEXT)
         pasted = {}
         field_name = {id(x): n for n, x in by_name.items()}
+        completed = {}
+        for sample, params in (("sample", SAMPLE_INFOTEXT), ("no PAG", NO_PAG_INFOTEXT)):
+            completed[sample] = dict(params)
+            fill_pasted_params("", completed[sample])  # the host runs infotext_pasted callbacks first
         for component, key in fields:
             name = field_name[id(component)]
-            for sample, params in (("sample", SAMPLE_INFOTEXT), ("no PAG", NO_PAG_INFOTEXT)):
-                value = key(dict(params))
-                c.check(is_plain(value) or is_update(value), pre + f"{name} ({sample}): returned {type(value).__name__}")
-                want = getattr(expected if sample == "sample" else defaults, name)
+            for sample in ("sample", "no PAG"):
+                value = completed[sample].get(key)
+                c.check(value is None or isinstance(value, str), pre + f"{name} ({sample}): {type(value).__name__}")
+                if sample == "no PAG":
+                    c.check((value == "False") if name == "enabled" else value is None,
+                            pre + f"{name} (no PAG): {value!r}")
+                    continue
+                want = getattr(expected, name)
                 want = UI_INFINITY if isinstance(want, float) and math.isinf(want) else want
-                got = value.get("value") if is_update(value) else value
+                got = value if isinstance(want, str) else (value == "True") if isinstance(want, bool) else float(value)
                 c.check(got == want, pre + f"{name} ({sample}): pasted {got!r}, not {want!r}")
-                if sample == "sample":
-                    pasted[name] = got
-        for (component, _), update in zip(fields, forge_paste(fields, SAMPLE_INFOTEXT)):
+                pasted[name] = got
+        for (component, _), update in zip(fields, forge_paste(fields, completed["sample"])):
             name = field_name[id(component)]
             c.check("__failed__" not in update, pre + f"{name}: Forge's paste conversion drops {update.get('__failed__')}")
 
