@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,8 +47,9 @@ class Call:
     denoiser: object = None
     x_in: torch.Tensor | None = None  # batched: the tensor whose row slices reach the UNet
     mask: torch.Tensor | None = None
-    separate: tuple | None = None  # separate mode: (x, sigma, image_cond, text_cond) of the cond rows
-    running_separate: bool = False
+    separate: bool = False  # separate mode: the cond rows run again, perturbed, after each host call
+    perturbed: torch.Tensor | None = None  # separate mode: the perturbed outputs, filled call by call
+    seen: torch.Tensor | None = None
     in_uncond_slot: bool = False
     lost: bool = False
     delta: torch.Tensor | None = None
@@ -320,7 +322,7 @@ def on_cfg_denoiser(params) -> None:
     call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
     layout = job.params.mode
     if job.params.mode == "separate":
-        call.separate = (params.x[:n_cond], params.sigma[:n_cond], rows_of(params.image_cond, 0, n_cond), params.text_cond)
+        call.separate, call.x_in = True, params.x
     elif uncond_slot_is_free(den, conds_list, n_cond, batch, params):
         # CFG scale 1: the uncond rows cannot reach the image, so they carry the perturbed twins (2 rows, not 3)
         layout = "uncond slot"
@@ -375,8 +377,12 @@ def on_cfg_denoised(params) -> None:
         job.call = None
         return
     cond = params.x[:call.n_cond]
-    if call.separate is not None:
-        perturbed = run_separate(job, call.denoiser)
+    if call.separate:
+        if call.seen is None or not bool(call.seen.all()):
+            log.warning("PAG: the cond rows did not all reach the UNet as PAG expected; step skipped")
+            job.call = None
+            return
+        perturbed = call.perturbed
     else:  # right after the cond rows: the twins' own rows, or the uncond rows' place at CFG 1
         perturbed = params.x[call.n_cond:2 * call.n_cond]
     call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
@@ -419,26 +425,36 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
     def forward(x, sigma, *args, **kwargs):
         own = previous if previous is not None else (lambda *a, **k: type(inner).forward(inner, *a, **k))
         active = JOBS.for_denoiser(denoiser)
-        mask = rows_of_call(active.call, x) if active is not None and active.call is not None else None
-        if mask is None:
+        call = active.call if active is not None else None
+        if call is None:
             return own(x, sigma, *args, **kwargs)
         unet = inner.inner_model.model.diffusion_model
-        selection = active.selection_for(unet)
-        # forking after the patch: the patch's latent-size hook must still see the full UNet call
-        with AttentionPatch(unet, selection, active.perturbation, active.marks), active.marks.marking(mask), \
-                forking(unet, selection, mask):
+        if call.separate:
+            out = own(x, sigma, *args, **kwargs)
+            perturb_cond_rows_again(active, call, unet, own, x, sigma, args, kwargs, out)
+            return out
+        mask = rows_of_call(call, x)
+        if mask is None:
+            return own(x, sigma, *args, **kwargs)
+        with perturbing(active, unet, mask):
             return own(x, sigma, *args, **kwargs)
 
     forward.__pag_inner__ = True
     inner.forward = forward
 
 
+@contextmanager
+def perturbing(job: Job, unet, mask):
+    """The UNet calls inside run with the marked rows perturbed (and the shared prefix forked off)."""
+    selection = job.selection_for(unet)
+    # forking after the patch: the patch's latent-size hook must still see the full UNet call
+    with AttentionPatch(unet, selection, job.perturbation, job.marks), job.marks.marking(mask), \
+            forking(unet, selection, mask):
+        yield
+
+
 def rows_of_call(call: Call, x: torch.Tensor):
     """The perturbed-row mask for the rows ``x`` of this UNet call, or None when it has none."""
-    if call.running_separate:
-        return torch.ones(x.shape[0], dtype=torch.bool)
-    if call.x_in is None:
-        return None
     offset = row_offset(x, call.x_in)
     if offset is None:
         call.lost = True
@@ -447,31 +463,33 @@ def rows_of_call(call: Call, x: torch.Tensor):
     return mask if bool(mask.any()) else None
 
 
-def run_separate(job: Job, denoiser) -> torch.Tensor:
-    """Low-VRAM mode: the cond rows once more in their own call(s), all rows perturbed, chunked like A1111."""
-    import modules.shared as shared
-
-    call = job.call
-    x, sigma, image_cond, text_cond = call.separate
-    n = x.shape[0]
-    chunk = n if getattr(shared.opts, "batch_cond_uncond", True) else max(1, len(call.conds_list))
-    outputs = []
-    call.running_separate = True
-    try:
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            cond = make_condition_dict(rows_of(text_cond, a, b), rows_of(image_cond, a, b))
-            outputs.append(denoiser.inner_model(x[a:b], sigma[a:b], cond=cond))
-    finally:
-        call.running_separate = False
-    return torch.cat(outputs)
+def perturb_cond_rows_again(job: Job, call: Call, unet, own, x, sigma, args, kwargs, out) -> None:
+    """Separate (low-VRAM) mode: right after each host call holding cond rows, the same rows again,
+    perturbed, with exactly the conditioning the host passed (after its padding), so the extra calls are
+    never larger than the host's own chunks."""
+    offset = row_offset(x, call.x_in)
+    cond = kwargs.get("cond")
+    if offset is None or offset >= call.n_cond or args or not isinstance(cond, dict):
+        return
+    k = min(x.shape[0], call.n_cond - offset)
+    with perturbing(job, unet, torch.ones(k, dtype=torch.bool)):
+        twin = own(x[:k], sigma[:k], **{**kwargs, "cond": _first_rows(cond, k)})
+    if call.perturbed is None:
+        call.perturbed = out.new_zeros((call.n_cond,) + tuple(out.shape[1:]))
+        call.seen = torch.zeros(call.n_cond, dtype=torch.bool)
+    call.perturbed[offset:offset + k] = twin
+    call.seen[offset:offset + k] = True
 
 
-def make_condition_dict(text_cond, image_cond):
-    """What A1111's ``CFGDenoiser.forward`` builds for the inner model (crossattn / SDXL dict)."""
-    if isinstance(text_cond, dict):
-        return {**text_cond, "c_concat": [image_cond]}
-    return {"c_crossattn": [text_cond], "c_concat": [image_cond]}
+def _first_rows(cond: dict, k: int) -> dict:
+    """The first ``k`` rows of every tensor in the inner model's condition dict (lists of tensors too)."""
+    def rows(v):
+        if torch.is_tensor(v):
+            return v[:k]
+        if isinstance(v, list):
+            return [rows(t) for t in v]
+        return v
+    return {key: rows(value) for key, value in cond.items()}
 
 
 # --- registration ----------------------------------------------------------------------------------

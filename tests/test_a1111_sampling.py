@@ -109,9 +109,12 @@ def test_step_window_and_schedule(webui, monkeypatch):
     check_calls(rec, webui, "mid,up", lambda c: scales[c.step])
 
 
-def test_separate_mode_matches_batched(webui, monkeypatch):
+@pytest.mark.parametrize("batch_cond_uncond", [True, False])
+def test_separate_mode_matches_the_formula(webui, monkeypatch, batch_cond_uncond):
+    monkeypatch.setitem(shared.opts.data, "batch_cond_uncond", batch_cond_uncond)
     rec = Recorder(monkeypatch)
-    processing.process_images(txt2img(pag(3.0, mode="separate"), batch_size=2, steps=2))
+    processing.process_images(txt2img(pag(3.0, mode="separate"), prompt="a red cat AND a dog :0.5", batch_size=2,
+                                      steps=2, negative="a long negative prompt with many words in it"))
     check_calls(rec, webui, "mid,up", lambda c: 3.0)
 
 
