@@ -64,7 +64,7 @@ class Job:
     marks: RowMarks = field(default_factory=RowMarks)
     refused: str | None = None
     call: Call | None = None
-    selections: dict = field(default_factory=dict)  # id(unet) -> LayerSelection | PagError
+    selections: dict = field(default_factory=dict)  # id(unet) -> (weakref to it, LayerSelection | PagError)
 
     @property
     def p(self):
@@ -72,12 +72,14 @@ class Job:
 
     def selection_for(self, unet) -> LayerSelection:
         key = id(unet)
-        if key not in self.selections:
+        cached = self.selections.get(key)
+        if cached is None or cached[0]() is not unet:  # a freed model's id can come back for another one
             try:
-                self.selections[key] = resolve_layers(self.params.layers, build_catalog(unet))
+                found = resolve_layers(self.params.layers, build_catalog(unet))
             except PagError as err:
-                self.selections[key] = err
-        found = self.selections[key]
+                found = err
+            self.selections[key] = (weakref.ref(unet), found)
+        found = self.selections[key][1]
         if isinstance(found, PagError):
             raise found
         return found
@@ -308,6 +310,7 @@ def on_cfg_denoiser(params) -> None:
     total = getattr(den, "total_steps", params.total_sampling_steps) or params.total_sampling_steps
     sigma = real_sigma(den, params.sigma)
     scale = scale_for_step(job.params, step=step, total_steps=total, sigma=sigma, hires=bool(getattr(p, "is_hr_pass", False)))
+    scale *= getattr(den, "cond_scale_miltiplier", 1.0)  # (sic) DDIM CFG++ maps guidance scales by 1/12.5
     n_cond, batch = _rows(params.text_cond), _rows(params.text_uncond)
     if scale == 0:
         log.debug("PAG step %d/%d sigma %.4g: scale 0, no extra rows", step, total, sigma)

@@ -420,3 +420,12 @@ def test_api_infotext_field_fills_the_pag_args(client):
     plain = request(client, None)
     assert from_infotext.status_code == 200, from_infotext.text
     assert from_infotext.json()["images"] == named.json()["images"] != plain.json()["images"]
+
+
+def test_ddim_cfgpp_scales_pag_like_cfg(webui, caplog):
+    """DDIM CFG++ maps guidance scales by 1/12.5 (cond_scale_miltiplier); PAG's scale follows."""
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        p, processed = run([{"enabled": True, "scale": 3.0}], sampler_name="DDIM CFG++", steps=2)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PAG step")]
+    assert steps and all("scale 0.24," in m for m in steps)
+    assert torch.isfinite(latents(processed)).all()
