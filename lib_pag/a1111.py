@@ -187,6 +187,19 @@ def write_infotext(p, params: PagParams) -> None:
     extra.update(params.to_infotext())
 
 
+def read_params(p, args) -> tuple[PagParams | None, str | None]:
+    """The job's settings with their infotext written; or None and the error, already reported."""
+    try:
+        params = params_from_script_args(args, p)
+    except PagError as err:
+        log.error("%s", err)
+        comment(p, str(err))
+        write_infotext(p, PagParams())
+        return None, str(err)
+    write_infotext(p, params)
+    return params, None
+
+
 def refusal_for_model(sd_model) -> str | None:
     """Why PAG cannot run on this model, or None."""
     if sd_model is None:
@@ -207,15 +220,8 @@ def refusal_for_model(sd_model) -> str | None:
 def start_job(p, args) -> Job | None:
     """``process`` hook: validate, write infotext, register the job. Errors are reported, never raised."""
     JOBS.end(p)
-    try:
-        params = params_from_script_args(args, p)
-    except PagError as err:
-        log.error("%s", err)
-        comment(p, str(err))
-        write_infotext(p, PagParams())
-        return None
-    write_infotext(p, params)
-    if not params.enabled:
+    params, _ = read_params(p, args)
+    if params is None or not params.enabled:
         return None
     seed = int(getattr(p, "seed", 0) or 0)
     job = JOBS.start(p, params, seed)

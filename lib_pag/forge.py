@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from .a1111 import announce_refusal, comment, params_from_script_args, write_infotext
+from .a1111 import announce_refusal, read_params, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
@@ -349,18 +349,9 @@ def end(p) -> None:
 
 
 def _start(p, args) -> ForgeJob | None:
-    try:
-        params = params_from_script_args(args, p)
-    except PagError as err:
-        log.error("%s", err)
-        comment(p, str(err))
-        write_infotext(p, PagParams())
-        job = ForgeJob(p, PagParams(), host_api())
-        job.refused = str(err)
-        setattr(p, JOB_ATTR, job)
-        return job
-    write_infotext(p, params)
-    job = ForgeJob(p, params, host_api())
+    params, error = read_params(p, args)
+    job = ForgeJob(p, params or PagParams(), host_api())
+    job.refused = error
     setattr(p, JOB_ATTR, job)
     return job
 
