@@ -50,7 +50,6 @@ class Call:
     separate: bool = False  # separate mode: the cond rows run again, perturbed, after each host call
     perturbed: torch.Tensor | None = None  # separate mode: the perturbed outputs, filled call by call
     seen: torch.Tensor | None = None
-    in_uncond_slot: bool = False
     lost: bool = False
     delta: torch.Tensor | None = None
     reference: torch.Tensor | None = None
@@ -306,7 +305,7 @@ def on_cfg_denoiser(params) -> None:
     reason = refusal_for_model(shared.sd_model)
     if reason is None:
         try:
-            job.selection_for(shared.sd_model.model.diffusion_model)
+            selection = job.selection_for(shared.sd_model.model.diffusion_model)
         except PagError as err:
             reason = f"{err} (model changed during the job)"
     if reason is not None:
@@ -340,7 +339,6 @@ def on_cfg_denoiser(params) -> None:
         params.image_cond = twin_rows(rows_of(params.image_cond, 0, n_cond), n_cond)
         params.text_uncond = rows_of(params.text_cond, 0, n_cond)  # a copy of the same class (DictWithShape)
         call.x_in, call.mask = params.x, perturbed_mask(n_cond, 0)
-        call.in_uncond_slot = True
     else:
         params.x = twin_rows(params.x, n_cond)
         params.sigma = twin_rows(params.sigma, n_cond)
@@ -349,8 +347,9 @@ def on_cfg_denoiser(params) -> None:
         call.x_in, call.mask = params.x, perturbed_mask(n_cond, batch)
     job.call = call
     install_inner_wrapper(den, job)
-    log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma, scale,
-              n_cond, layout, ",".join(job.selection_for(shared.sd_model.model.diffusion_model).names))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma,
+                  scale, n_cond, layout, ",".join(selection.names))
 
 
 def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> bool:

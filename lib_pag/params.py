@@ -101,7 +101,7 @@ class PagParams:
             value = getattr(self, f.name)
             relevant = _relevant(self, f.name)
             if relevant and (f.metadata["written"] == "always" or value != getattr(default, f.name)):
-                out[f.metadata["label"]] = _format(value)
+                out[f.metadata["label"]] = format_value(value)
         return out
 
     def to_dict(self) -> dict:
@@ -152,13 +152,13 @@ def _relevant(p: PagParams, name: str) -> bool:
     return True
 
 
-def _format(value):
+def format_value(value) -> str:
+    """A setting as infotext text: ``True``, ``3``, ``0.25``, ``inf``, ``mid,up``."""
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
         return format_number(value)
-    return value
-
+    return str(value)
 
 
 def _check(f, value, *, strings_ok: bool):

@@ -12,9 +12,9 @@ import math
 from contextlib import contextmanager
 
 from .errors import PagError
-from .layers import GROUP_ALIASES, PARTS, build_catalog, format_number, parse_layer_spec, resolve_layers
+from .layers import PARTS, build_catalog, parse_layer_spec, resolve_layers
 from .maps import example_catalog, layer_map_svg, schedule_svg
-from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, label_of
+from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, format_value, label_of
 
 log = logging.getLogger("sd_webui_pag")
 UI_INFINITY = 1e6  # gradio cannot carry inf through JSON; this blur sigma is a mean query to 1e-9
@@ -85,12 +85,8 @@ def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 
 
 
 def _ui_text(value) -> str:
-    """A setting as the text the host's paste converts into the control's value."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return format_number(UI_INFINITY if math.isinf(value) else value)
-    return str(value)
+    """A setting as the text the host's paste converts into the control's value (inf: the UI's stand-in)."""
+    return format_value(UI_INFINITY if isinstance(value, float) and math.isinf(value) else value)
 
 
 def fill_pasted_params(_infotext: str, params: dict) -> None:
@@ -197,4 +193,4 @@ def ui_args_to_params(args) -> PagParams:
     return PagParams.from_values(*values)
 
 
-__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups", "ui_args_to_params", "GROUP_ALIASES"]
+__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups", "ui_args_to_params"]
