@@ -131,15 +131,16 @@ def label_of(name: str) -> str:
 
 
 def canonical_key(key) -> str:
-    """Map an API/XYZ key (``scale``, ``pag_scale``, ``pag_applied_layers``) to a field name."""
+    """Map an API/XYZ key (``scale``, ``pag_scale``, ``pag_applied_layers``, the infotext label
+    ``PAG scale``) to a field name."""
     if isinstance(key, str):
-        k = key.strip().lower()
+        k = "_".join(key.strip().lower().split())
         k = ALIASES.get(k, k)
         if k not in _FIELDS and k.startswith("pag_"):
             k = ALIASES.get(k[4:], k[4:])
         if k in _FIELDS:
             return k
-    raise PagError("PAG args", key, "keys " + ", ".join(field_names()) + " (aliases: " + ", ".join(ALIASES) + ")", "is not a PAG setting")
+    raise PagError("PAG args", key, "keys " + ", ".join(field_names()) + " (also the infotext labels, e.g. 'PAG scale'; aliases: " + ", ".join(ALIASES) + ")", "is not a PAG setting")
 
 
 def _relevant(p: PagParams, name: str) -> bool:

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from lib_pag import PRESETS, PagError, PagParams, field_names
+from lib_pag.params import label_of
 
 
 def test_defaults_are_the_seed_defaults():
@@ -25,6 +26,16 @@ def test_named_dict_and_aliases():
     assert (p.scale, p.layers, p.schedule) == (5.0, "mid,up", "cosine")
     assert PagParams.from_dict({"pag_rescale": 0.5}).rescale == 0.5
     assert PagParams.from_dict({"sigma_start": None}).sigma_start == 0.0
+
+
+def test_infotext_labels_are_api_keys():
+    p = PagParams.from_dict({"PAG enabled": True, "PAG scale": 4, "PAG blur sigma": 2, "PAG method": "blur",
+                             "pag  sigma   start": 3})
+    assert (p.enabled, p.scale, p.blur_sigma, p.method, p.sigma_start) == (True, 4.0, 2.0, "blur", 3.0)
+    for name in field_names():
+        assert PagParams.from_dict({label_of(name): getattr(p, name)}) == PagParams.from_dict({name: getattr(p, name)})
+    with pytest.raises(PagError, match="infotext labels"):
+        PagParams.from_dict({"PAG sclae": 3})
 
 
 @pytest.mark.parametrize("data, field, problem", [

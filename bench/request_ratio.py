@@ -1,0 +1,134 @@
+"""Whole-request cost of PAG on a running WebUI (A1111, Forge, reForge), through its HTTP API.
+
+Sends txt2img requests to ``--url`` in rounds: one plain request and one per PAG setting, in
+rotating order, each timed by the wall clock around the HTTP call (the server does all the work;
+run nothing else on the machine). Prints the median seconds per configuration, its ratio to the
+plain request, and last a line ``RATIO request=<x.xx>`` for the first PAG setting.
+
+The WebUI must run with ``--api``. Nothing but the standard library is needed, so this runs from
+any Python, e.g.::
+
+    python bench/request_ratio.py --url http://127.0.0.1:7860 --width 256 --height 256 --steps 4
+
+A warm-up round (not counted) comes first, so model loading and first-call costs stay out.
+``--check`` also asserts that PAG off gives the plain image bit for bit and PAG on changes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+
+def post(url: str, payload: dict, timeout: float) -> tuple[dict, float]:
+    data = json.dumps(payload).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/sdapi/v1/txt2img", data=data,
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as e:
+        sys.exit(f"HTTP {e.code} from the WebUI: {e.read().decode(errors='replace')[:2000]}")
+    return body, time.perf_counter() - start
+
+
+def base_payload(args) -> dict:
+    return {
+        "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
+        "steps": args.steps, "cfg_scale": args.cfg, "width": args.width, "height": args.height,
+        "sampler_name": args.sampler, "batch_size": args.batch_size, "n_iter": 1,
+        "save_images": False, "send_images": True,
+    }
+
+
+def with_pag(payload: dict, settings: dict | None, args) -> dict:
+    out = dict(payload)
+    if settings is None:
+        return out
+    pag = {"enabled": True, "scale": args.scale, "layers": args.layers}
+    pag.update(settings)
+    out["alwayson_scripts"] = {"PAG": {"args": [pag]}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:7860")
+    ap.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
+    ap.add_argument("--negative", default="blurry")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--sampler", default="Euler")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--scale", type=float, default=3.0, help="PAG scale")
+    ap.add_argument("--layers", default="m0", help="PAG layers (default: the middle block)")
+    ap.add_argument("--modes", default="batched,separate",
+                    help="comma-separated PAG modes to time beside the plain request (batched, separate)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--check", action="store_true",
+                    help="assert: PAG disabled == plain image, bit for bit; PAG on differs; infotext has the keys")
+    args = ap.parse_args()
+
+    configs: dict[str, dict | None] = {"plain": None}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        if mode not in ("batched", "separate"):
+            sys.exit(f"--modes: unknown mode {mode!r}; allowed: batched, separate")
+        configs[f"pag-{mode}"] = {"mode": mode}
+
+    payload = base_payload(args)
+    print(f"# {args.url}  {args.width}x{args.height}  {args.steps} steps  {args.sampler}  CFG {args.cfg}  "
+          f"batch {args.batch_size}  PAG scale {args.scale} layers {args.layers!r}")
+
+    images = {}
+    for name, settings in configs.items():  # warm-up round, not timed
+        body, secs = post(args.url, with_pag(payload, settings, args), args.timeout)
+        images[name] = body["images"][0]
+        print(f"warm-up {name:14s} {secs:8.2f} s", flush=True)
+
+    if args.check:
+        off = with_pag(payload, {}, args)
+        off["alwayson_scripts"]["PAG"]["args"][0]["enabled"] = False
+        body, _ = post(args.url, off, args.timeout)
+        assert body["images"][0] == images["plain"], "PAG disabled changed the image"
+        for name in configs:
+            if name != "plain":
+                assert images[name] != images["plain"], f"{name}: PAG on left the image unchanged"
+        body, _ = post(args.url, with_pag(payload, {}, args), args.timeout)
+        info = json.loads(body["info"])
+        text = info["infotexts"][0]
+        for key in ("PAG scale", "PAG layers"):
+            assert key in text, f"infotext lacks {key!r}: {text}"
+        decoded = base64.b64decode(images["plain"])
+        print(f"check: ok (PAG off == plain, PAG on differs, infotext has the keys; image {len(decoded)} bytes)")
+
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            _, secs = post(args.url, with_pag(payload, configs[name], args), args.timeout)
+            times[name].append(secs)
+            print(f"round {r + 1} {name:14s} {secs:8.2f} s", flush=True)
+
+    base = statistics.median(times["plain"])
+    print(f"\n{'config':16s} {'median s':>9s} {'ratio':>6s}   all (s)")
+    for name in names:
+        med = statistics.median(times[name])
+        print(f"{name:16s} {med:9.2f} {med / base:6.2f}   " + " ".join(f"{t:.2f}" for t in times[name]))
+    first = next((n for n in names if n != "plain"), None)
+    if first:
+        print(f"RATIO request={statistics.median(times[first]) / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
