@@ -156,6 +156,8 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
     source = _sources(inputs, n, perturbed, keep, source)
     if source is None:
         return None
+    log.debug("PAG fork before %s_block%s[%d]: prefix on %d of %d rows", first_block.part,
+              "s" if first_block.part != "middle" else "", first_block.index, n - source.numel(), n)
     device = x.device
     keep_rows = keep.nonzero().flatten().to(device)
     kept_position = torch.cumsum(keep.long(), 0) - 1

@@ -104,6 +104,13 @@ def test_fork_equals_batched(model, spec, request):
     assert "forward" not in unet.__dict__
 
 
+def test_fork_says_where_it_forked(sd15, caplog):
+    selection = resolve_layers("mid", build_catalog(sd15))
+    with caplog.at_level("DEBUG", logger="sd_webui_pag"):
+        assert forked_direct(sd15, selection, twin_batch(sd15)) is not None
+    assert "PAG fork before middle_block[1]: prefix on 4 of 6 rows" in caplog.text
+
+
 def test_fork_with_blur_uses_the_latent_grid(sd15):
     """Called through unet(...), the patch's pre-hook still sees the latent size (blur needs the grid)."""
     selection = resolve_layers("mid,u0", build_catalog(sd15))

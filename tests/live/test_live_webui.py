@@ -1,0 +1,197 @@
+"""Checks against a real, running WebUI (A1111 1.7–1.10, Forge, reForge) through its HTTP API.
+
+Skipped unless ``PAG_WEBUI_URL`` names a WebUI started with ``--api`` and this extension installed,
+e.g. ``PAG_WEBUI_URL=http://127.0.0.1:7860 .venv/bin/python -m pytest tests/live``. Any checkpoint
+works (a random-weight one too); the images are small so the suite stays short even on a CPU.
+Everything here is observable from outside: images, infotext, HTTP status, the model afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+URL = os.environ.get("PAG_WEBUI_URL", "").rstrip("/")
+pytestmark = pytest.mark.skipif(not URL, reason="set PAG_WEBUI_URL to a running WebUI started with --api")
+
+SIZE = int(os.environ.get("PAG_WEBUI_SIZE", "192"))
+STEPS = 4
+
+
+def call(route: str, payload: dict | None = None, timeout: float = 1800) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(URL + route, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def txt2img(pag: dict | None = None, route: str = "/sdapi/v1/txt2img", **overrides) -> dict:
+    payload = {"prompt": "a red lighthouse on a cliff", "negative_prompt": "blurry", "seed": 77,
+               "steps": STEPS, "cfg_scale": 5, "width": SIZE, "height": SIZE, "sampler_name": "Euler",
+               "batch_size": 1, "n_iter": 1, "save_images": False}
+    payload.update(overrides)
+    if pag is not None:
+        payload["alwayson_scripts"] = {"pag": {"args": [pag]}}
+    status, body = call(route, payload)
+    assert status == 200, body
+    return body
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def same(a: str, b: str) -> bool:
+    """Same pixels (the PNGs' own text chunks carry the infotext, which may differ)."""
+    return np.array_equal(pixels(a), pixels(b))
+
+
+def infotext(body: dict, index: int = 0) -> str:
+    return json.loads(body["info"])["infotexts"][index]
+
+
+ON = {"enabled": True, "scale": 3.0, "layers": "m0"}
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return txt2img()["images"][0]
+
+
+def test_pag_is_an_alwayson_script():
+    status, body = call("/sdapi/v1/scripts")
+    assert status == 200 and "pag" in body["txt2img"] and "pag" in body["img2img"]
+
+
+def test_off_and_scale_zero_give_the_plain_image(plain):
+    assert same(txt2img({"enabled": False, "scale": 3})["images"][0], plain)
+    assert same(txt2img({"enabled": True, "scale": 0})["images"][0], plain)
+
+
+def test_on_changes_the_image_and_writes_infotext(plain):
+    body = txt2img(ON)
+    assert not same(body["images"][0], plain)
+    text = infotext(body)
+    assert "PAG enabled: True" in text and "PAG scale: 3" in text and "PAG layers: m0" in text
+    assert same(txt2img()["images"][0], plain)  # model left as it was
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM", "UniPC", "Heun"])
+def test_every_sampler_path(plain, sampler):
+    base = txt2img(sampler_name=sampler)["images"][0]
+    guided = txt2img(ON, sampler_name=sampler)["images"][0]
+    assert not same(guided, base)
+    assert same(txt2img(sampler_name=sampler)["images"][0], base)
+
+
+def test_pag_alone_at_cfg_1():
+    base = txt2img(cfg_scale=1)
+    guided = txt2img(ON, cfg_scale=1)
+    assert not same(guided["images"][0], base["images"][0])
+    assert "PAG scale: 3" in infotext(guided)
+
+
+def test_separate_mode_matches_batched():
+    batched = pixels(txt2img(ON)["images"][0])
+    separate = pixels(txt2img({**ON, "mode": "separate"})["images"][0])
+    diff = np.abs(batched - separate)
+    # the same guidance from a different batch composition: only rounding may differ
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_batch_of_two_and_two_iterations(plain):
+    body = txt2img(ON, batch_size=2, n_iter=2)
+    assert len(body["images"]) == 4 and len({pixels(b).tobytes() for b in body["images"]}) == 4
+    for i in range(4):
+        assert "PAG scale: 3" in infotext(body, i)
+
+
+def test_step_and_sigma_windows(plain):
+    full = txt2img(ON)["images"][0]
+    late = txt2img({**ON, "start": 0.5})["images"][0]
+    assert not same(late, plain) and not same(late, full)
+    assert same(txt2img({**ON, "sigma_start": 1e-3, "sigma_end": 1e-4})["images"][0], plain)  # no step inside
+
+
+def test_hires_fix():
+    hr = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+          "denoising_strength": 0.5}
+    base = txt2img(**hr)["images"][0]
+    off_in_hires = txt2img({**ON, "hires": "off"}, **hr)
+    guided = txt2img(ON, **hr)
+    assert not same(guided["images"][0], base) and not same(off_in_hires["images"][0], guided["images"][0])
+    assert "PAG hires: off" in infotext(off_in_hires)
+
+
+def test_img2img_with_mask(plain):
+    init = plain
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    job = {"init_images": [init], "mask": base64.b64encode(buf.getvalue()).decode(), "denoising_strength": 0.8,
+           "inpainting_fill": 1}
+    base = txt2img(route="/sdapi/v1/img2img", **job)["images"][0]
+    guided = txt2img(ON, route="/sdapi/v1/img2img", **job)["images"][0]
+    assert not same(guided, base)
+    outside = np.abs(pixels(guided)[:SIZE // 8, :SIZE // 8] - pixels(base)[:SIZE // 8, :SIZE // 8])
+    assert outside.max() <= 8  # the kept corner stays (up to the VAE round trip of both)
+
+
+@pytest.mark.parametrize("bad, field", [({"scale": -2}, "PAG scale"), ({"layers": "m7"}, "PAG layers"),
+                                         ({"method": "wobble"}, "PAG method"), ({"sclae": 2}, "PAG args")])
+def test_bad_input_is_a_422_naming_the_field(bad, field):
+    payload = {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+               "alwayson_scripts": {"pag": {"args": [{"enabled": True, **bad}]}}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status == 422 and body["field"] == field and body["allowed"], body
+
+
+def test_infotext_labels_are_accepted_as_api_keys(plain):
+    by_label = txt2img({"PAG enabled": True, "PAG scale": 3, "PAG layers": "m0"})["images"][0]
+    assert same(by_label, txt2img(ON)["images"][0]) and not same(by_label, plain)
+
+
+def test_xyz_plot_axis():
+    status, info = call("/sdapi/v1/script-info")
+    assert status == 200
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = xyz["args"][0]["choices"]
+    assert "[PAG] Scale" in choices and "[PAG] Layers" in choices
+    args = []
+    for a in xyz["args"]:  # the defaults; axis types are dropdowns of type "index"
+        value = a.get("value")
+        args.append(a["choices"].index(value) if a.get("choices") and value in a["choices"] else value)
+    args[0], args[1] = choices.index("[PAG] Scale"), "0, 3"
+    body = txt2img({"enabled": True, "layers": "m0"}, script_name="x/y/z plot", script_args=args)
+    texts = json.loads(body["info"])["infotexts"]
+    assert any("PAG scale: 3" in t for t in texts)
+
+
+def test_interrupt_leaves_the_model_clean(plain):
+    done = {}
+
+    def long_job():
+        done["body"] = txt2img(ON, steps=40)
+
+    worker = threading.Thread(target=long_job)
+    worker.start()
+    time.sleep(3)
+    call("/sdapi/v1/interrupt", {})
+    worker.join()
+    assert "body" in done
+    assert same(txt2img()["images"][0], plain)
+    assert not same(txt2img(ON)["images"][0], plain)
