@@ -51,6 +51,9 @@ def with_pag(payload: dict, settings: dict | None, args) -> dict:
     out = dict(payload)
     if settings is None:
         return out
+    settings = dict(settings)
+    if settings.pop("cfg_scale", None) is not None:
+        out["cfg_scale"] = 1.0
     pag = {"enabled": True, "scale": args.scale, "layers": args.layers}
     pag.update(settings)
     out["alwayson_scripts"] = {"PAG": {"args": [pag]}}
@@ -72,7 +75,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=3.0, help="PAG scale")
     ap.add_argument("--layers", default="m0", help="PAG layers (default: the middle block)")
     ap.add_argument("--modes", default="batched,separate",
-                    help="comma-separated PAG modes to time beside the plain request (batched, separate)")
+                    help="comma-separated PAG variants to time beside the plain request: batched, separate, "
+                         "pag-only (CFG 1 with PAG)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--check", action="store_true",
@@ -81,9 +85,12 @@ def main() -> None:
 
     configs: dict[str, dict | None] = {"plain": None}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        if mode not in ("batched", "separate"):
-            sys.exit(f"--modes: unknown mode {mode!r}; allowed: batched, separate")
-        configs[f"pag-{mode}"] = {"mode": mode}
+        if mode == "pag-only":
+            configs["pag-only"] = {"cfg_scale": 1.0}
+        elif mode in ("batched", "separate"):
+            configs[f"pag-{mode}"] = {"mode": mode}
+        else:
+            sys.exit(f"--modes: unknown variant {mode!r}; allowed: batched, separate, pag-only")
 
     payload = base_payload(args)
     print(f"# {args.url}  {args.width}x{args.height}  {args.steps} steps  {args.sampler}  CFG {args.cfg}  "
@@ -101,7 +108,7 @@ def main() -> None:
         body, _ = post(args.url, off, args.timeout)
         assert body["images"][0] == images["plain"], "PAG disabled changed the image"
         for name in configs:
-            if name != "plain":
+            if name not in ("plain", "pag-only"):
                 assert images[name] != images["plain"], f"{name}: PAG on left the image unchanged"
         body, _ = post(args.url, with_pag(payload, {}, args), args.timeout)
         info = json.loads(body["info"])
@@ -125,6 +132,9 @@ def main() -> None:
     for name in names:
         med = statistics.median(times[name])
         print(f"{name:16s} {med:9.2f} {med / base:6.2f}   " + " ".join(f"{t:.2f}" for t in times[name]))
+    if "pag-only" in times and "pag-batched" in times:
+        ratio = statistics.median(times["pag-only"]) / statistics.median(times["pag-batched"])
+        print(f"pag-only / pag-batched: {ratio:.2f}")
     first = next((n for n in names if n != "plain"), None)
     if first:
         print(f"RATIO request={statistics.median(times[first]) / base:.2f}")
