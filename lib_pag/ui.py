@@ -171,6 +171,8 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
 
     preset.change(on_preset, inputs=[preset], outputs=[scale, layers], show_progress=False)
     layers.change(on_layers, inputs=[layers], outputs=[status, groups, layer_map], show_progress=False)
+    # the page is built before the checkpoint loads and outlives model switches: redraw on opening
+    enabled.change(on_layers, inputs=[layers], outputs=[status, groups, layer_map], show_progress=False)
     schedule_inputs = [scale, start, end, schedule, hires, hires_scale]
     for control in schedule_inputs:
         control.change(schedule_html, inputs=schedule_inputs, outputs=[schedule_plot], show_progress=False)

@@ -51,3 +51,23 @@ def test_api_without_a_checkpoint_switch_still_checks_the_loaded_model():
     body["alwayson_scripts"]["pag"]["args"][0]["layers"] = "m0.x"  # syntax is checked either way
     body["override_settings"] = {"sd_model_checkpoint": "sd_xl_base_1.0"}
     assert api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet).field == "PAG layers"
+
+
+def test_opening_the_accordion_redraws_the_map_for_the_loaded_model():
+    """The page is built before the checkpoint loads (A1111 loads it in the background): the first map is
+    an SD1.x example; ticking/opening the accordion must redraw it for the model now in memory."""
+    import gradio as gr
+    from lib_pag.ui import build_ui
+    from unets import sdxl_unet
+
+    loaded = {"unet": None}
+    with gr.Blocks() as demo:
+        controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}", lambda: loaded["unet"])
+    enabled = controls[0]
+    handlers = [demo.fns[i] for i, dep in enumerate(demo.dependencies)
+                if enabled._id in dep["targets"] and dep["trigger"] == "change"]  # gradio 3.41's layout
+    assert len(handlers) == 1
+    loaded["unet"] = sdxl_unet("base", seed=0)
+    status, _groups, layer_map = handlers[0].fn("mid")
+    assert "SDXL" in layer_map and "SD1.x" not in layer_map
+    assert "SDXL" in status

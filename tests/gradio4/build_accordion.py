@@ -286,7 +286,7 @@ def run_checks():
         c.check(len(js_only) == 1 and js_only[0].js and "inputAccordionChecked" in js_only[0].js,
                 pre + "the accordion's js change event is missing")
         python_fns = [f for f in fns if f.fn is not None]
-        c.check(len(python_fns) == 9, pre + f"{len(python_fns)} python events, not 9 (preset, layers, groups, 6 schedule inputs)")
+        c.check(len(python_fns) == 10, pre + f"{len(python_fns)} python events, not 10 (preset, layers, enabled → map, groups, 6 schedule inputs)")
         ran = []
         ids = {x._id: n for n, x in by_name.items()}
         for f in python_fns:
