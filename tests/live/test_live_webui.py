@@ -128,7 +128,8 @@ def test_step_and_sigma_windows(plain):
 
 def test_hires_fix():
     hr = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
-          "denoising_strength": 0.5}
+          "denoising_strength": 0.5,
+          "hr_additional_modules": ["Use same choices"]}  # Forge 2's API fails on hires without it; others ignore it
     base = txt2img(**hr)["images"][0]
     off_in_hires = txt2img({**ON, "hires": "off"}, **hr)
     guided = txt2img(ON, **hr)
