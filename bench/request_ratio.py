@@ -61,16 +61,11 @@ def base_payload(args) -> dict:
     }
 
 
-def with_pag(payload: dict, settings: dict | None, args) -> dict:
-    out = dict(payload)
-    if settings is None:
-        return out
-    settings = dict(settings)
-    if settings.pop("cfg_scale", None) is not None:
-        out["cfg_scale"] = 1.0
-    pag = {"enabled": True, "scale": args.scale, "layers": args.layers}
-    pag.update(settings)
-    out["alwayson_scripts"] = {"PAG": {"args": [pag]}}
+def request(payload: dict, pag: dict | None, overrides: dict, args) -> dict:
+    """The base request with its overrides and, unless ``pag`` is None, the PAG script args."""
+    out = {**payload, **overrides}
+    if pag is not None:
+        out["alwayson_scripts"] = {"PAG": {"args": [{"enabled": True, "scale": args.scale, "layers": args.layers, **pag}]}}
     return out
 
 
@@ -94,43 +89,44 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--check", action="store_true",
-                    help="assert: PAG disabled == plain image, bit for bit; PAG on differs; infotext has the keys")
+                    help="assert: PAG disabled gives the plain pixels; PAG on changes them; infotext has the keys")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds: must be at least 1")
 
-    configs: dict[str, dict | None] = {"plain": None}
+    # name -> (PAG args or None for the plain request, request overrides)
+    configs: dict[str, tuple[dict | None, dict]] = {"plain": (None, {})}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if mode == "pag-only":
-            configs["pag-only"] = {"cfg_scale": 1.0}
+            configs["pag-only"] = ({}, {"cfg_scale": 1.0})
         elif mode in ("batched", "separate"):
-            configs[f"pag-{mode}"] = {"mode": mode}
+            configs[f"pag-{mode}"] = ({"mode": mode}, {})
         else:
             sys.exit(f"--modes: unknown variant {mode!r}; allowed: batched, separate, pag-only")
+    if len(configs) == 1:
+        sys.exit("--modes: name at least one PAG variant")
 
     payload = base_payload(args)
     print(f"# {args.url}  {args.width}x{args.height}  {args.steps} steps  {args.sampler}  CFG {args.cfg}  "
           f"batch {args.batch_size}  PAG scale {args.scale} layers {args.layers!r}")
 
-    images = {}
-    for name, settings in configs.items():  # warm-up round, not timed
-        body, secs = post(args.url, with_pag(payload, settings, args), args.timeout)
-        images[name] = body["images"][0]
+    warm = {}
+    for name, (pag, overrides) in configs.items():  # warm-up round, not timed
+        warm[name], secs = post(args.url, request(payload, pag, overrides, args), args.timeout)
         print(f"warm-up {name:14s} {secs:8.2f} s", flush=True)
 
     if args.check:
-        off = with_pag(payload, {}, args)
-        off["alwayson_scripts"]["PAG"]["args"][0]["enabled"] = False
-        body, _ = post(args.url, off, args.timeout)
-        assert png_scanlines(body["images"][0]) == png_scanlines(images["plain"]), "PAG disabled changed the image"
-        for name in configs:
-            if name not in ("plain", "pag-only"):
-                assert png_scanlines(images[name]) != png_scanlines(images["plain"]), f"{name}: PAG on left the image unchanged"
-        body, _ = post(args.url, with_pag(payload, {}, args), args.timeout)
-        info = json.loads(body["info"])
-        text = info["infotexts"][0]
-        for key in ("PAG scale", "PAG layers"):
-            assert key in text, f"infotext lacks {key!r}: {text}"
+        plain = png_scanlines(warm["plain"]["images"][0])
+        off, _ = post(args.url, request(payload, {"enabled": False}, {}, args), args.timeout)
+        assert png_scanlines(off["images"][0]) == plain, "PAG disabled changed the image"
+        for name, body in warm.items():
+            if name == "plain":
+                continue
+            if name != "pag-only":  # pag-only runs at another CFG scale: different anyway
+                assert png_scanlines(body["images"][0]) != plain, f"{name}: PAG on left the image unchanged"
+            text = json.loads(body["info"])["infotexts"][0]
+            for key in ("PAG scale", "PAG layers"):
+                assert key in text, f"{name}: infotext lacks {key!r}: {text}"
         print("check: ok (PAG off == plain pixels, PAG on changes them, infotext has the keys)")
 
     times: dict[str, list[float]] = {name: [] for name in configs}
@@ -138,7 +134,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            _, secs = post(args.url, with_pag(payload, configs[name], args), args.timeout)
+            _, secs = post(args.url, request(payload, *configs[name], args), args.timeout)
             times[name].append(secs)
             print(f"round {r + 1} {name:14s} {secs:8.2f} s", flush=True)
 

@@ -90,7 +90,7 @@ def test_on_changes_the_image_and_writes_infotext(plain):
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM", "UniPC", "Heun"])
-def test_every_sampler_path(plain, sampler):
+def test_every_sampler_path(sampler):
     base = txt2img(sampler_name=sampler)["images"][0]
     guided = txt2img(ON, sampler_name=sampler)["images"][0]
     assert not same(guided, base)
@@ -112,7 +112,7 @@ def test_separate_mode_matches_batched():
     assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
 
 
-def test_batch_of_two_and_two_iterations(plain):
+def test_batch_of_two_and_two_iterations():
     body = txt2img(ON, batch_size=2, n_iter=2)
     assert len(body["images"]) == 4 and len({pixels(b).tobytes() for b in body["images"]}) == 4
     for i in range(4):
