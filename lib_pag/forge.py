@@ -37,6 +37,7 @@ makes every installed function inert. Host modules are imported lazily (tests us
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -51,7 +52,7 @@ from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
-from .patch import RowMarks
+from .patch import TokenGrids
 from .perturbations import Perturbation
 
 log = logging.getLogger("sd_webui_pag")
@@ -238,6 +239,8 @@ class ForgeJob:
         self.refused: str | None = None
         self.selection: LayerSelection | None = None
         self.selection_of: int | None = None  # id() of the diffusion model the selection was resolved on
+        self.diffusion_model = None  # weak reference to the UNet the selection was resolved on
+        self.grids = TokenGrids()  # blur: the true token grid of each perturbed attention call
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
@@ -269,6 +272,16 @@ class ForgeJob:
         value = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
         scale = scale_for_step(self.params, step=step, total_steps=total, sigma=value, hires=bool(getattr(p, "is_hr_pass", False)))
         return scale, step, total, value
+
+    @contextlib.contextmanager
+    def watching_grids(self):
+        """Blur only: the token grid of every chosen attn1 is read off its spatial transformer's input."""
+        unet = self.diffusion_model() if self.diffusion_model is not None else None
+        if unet is None or not self.perturbation.needs_grid:
+            yield
+            return
+        with self.grids.watching(unet, self.selection.paths):
+            yield
 
     def owns(self, patcher) -> bool:
         """Whether ``patcher`` (or a clone of it someone made) already carries this job's functions."""
@@ -321,6 +334,7 @@ def apply(p, args) -> ForgeJob | None:
         try:
             job.selection = resolve_layers(job.params.layers, build_catalog(diffusion_model))
             job.selection_of = id(diffusion_model)
+            job.diffusion_model = weakref.ref(diffusion_model)
         except PagError as err:
             job.refuse(str(err), logging.ERROR)
             write_infotext(p, PagParams())
@@ -469,7 +483,8 @@ def _make_unet_wrapper(job: ForgeJob, previous):
         new_args = dict(args)
         new_args.update(input=_twin(x, index, total), timestep=_twin(args["timestep"], index, total), c=twinned,
                         cond_or_uncond=cond_or_uncond + [0] * len(matches))
-        out = run(apply_model, new_args)
+        with job.watching_grids():
+            out = run(apply_model, new_args)
         for i, (_, k) in enumerate(matches):
             step.add(k, out[total + i * rows:total + (i + 1) * rows])
         return out[:total]
@@ -555,7 +570,7 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
         rows = mark.rows_for(q.shape[0]).to(q.device)
         if not bool(rows.any()):
             return through(q, k, v, extra)
-        grid = _grid(extra, q.shape[1])
+        grid = job.grids.grid_for(q.shape[1])
         heads = extra["n_heads"]
         perturbed = job.perturbation(_Projected(q[rows], k[rows], v[rows], heads), q[rows], grid=grid)
         if previous is None and strength == 1.0:
@@ -575,15 +590,6 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
 
     patch.__pag_patch__ = True
     return patch
-
-
-def _grid(extra: dict, tokens: int):
-    shape = extra.get("original_shape")
-    if not shape or len(shape) < 4:
-        return None
-    marks = RowMarks()
-    marks.latent_hw = (int(shape[-2]), int(shape[-1]))
-    return marks.grid_for(tokens)
 
 
 def _make_post_cfg(job: ForgeJob):
@@ -621,7 +627,8 @@ def _separate(job: ForgeJob, args) -> torch.Tensor:
     options["transformer_options"] = dict(options.get("transformer_options", {}))
     _add_patches(job, options)
     options["transformer_options"][MARK] = PagRows(None)
-    return job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
+    with job.watching_grids():
+        return job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
 
 
 __all__ = ["A1111", "FORGE2", "REFORGE", "ForgeJob", "HostApi", "PagRows", "apply", "detect_host", "diffusion_model_of", "end", "host_api",

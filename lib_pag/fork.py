@@ -42,6 +42,8 @@ class ForkPoint:
     index: int
 
     def __str__(self):
+        if self.part == "middle" and self.index == 0:
+            return "middle_block"
         return f"{self.part}_block{'s' if self.part == 'output' else ''}[{self.index}]"
 
 
@@ -104,9 +106,9 @@ def original_forward(unet: torch.nn.Module) -> PlainForward | None:
     return PlainForward(function, flavor, module)
 
 
-def _is_own_bound_forward(unet, own) -> bool:
-    """``unet.forward = unet.forward``: what a hook leaves behind after restoring (sd-webui-controlnet)."""
-    return getattr(own, "__self__", None) is unet and getattr(own, "__func__", None) is type(unet).forward
+def _is_own_bound_forward(module, own) -> bool:
+    """``m.forward = m.forward``: what a hook leaves behind after restoring (sd-webui-controlnet)."""
+    return getattr(own, "__self__", None) is module and getattr(own, "__func__", None) is type(module).forward
 
 
 def _unwrap_a1111(function):
@@ -156,8 +158,11 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
     source = _sources(inputs, n, perturbed, keep, source)
     if source is None:
         return None
-    log.debug("PAG fork before %s_block%s[%d]: prefix on %d of %d rows", first_block.part,
-              "s" if first_block.part != "middle" else "", first_block.index, n - source.numel(), n)
+    mod = plain.module
+    middle = unet.middle_block
+    if first_block.part == "middle" and first_block.index > 0 and not _can_split(middle, mod):
+        first_block = ForkPoint("middle", 0)
+    log.debug("PAG fork before %s: prefix on %d of %d rows", first_block, n - source.numel(), n)
     device = x.device
     keep_rows = keep.nonzero().flatten().to(device)
     kept_position = torch.cumsum(keep.long(), 0) - 1
@@ -165,7 +170,6 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
     origin[perturbed] = source
     gather = kept_position[origin].to(device)  # full-batch row -> its row in the unforked prefix
 
-    mod = plain.module
     cat = getattr(getattr(mod, "th", None) or getattr(mod, "torch", torch), "cat")  # A1111 hijacks th.cat
 
     # the prefix, unperturbed rows only
@@ -184,9 +188,8 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
         hs.append(h)
 
     output_start = 0
-    middle = unet.middle_block
     if first_block.part == "middle":
-        split = first_block.index if _can_split(middle, mod) else 0
+        split = first_block.index
         h = _run_children(middle, mod, h, emb, ck, 0, split)
         h, hs, emb, context = _fork(gather, n, h, hs, emb, ck)
         h = middle(h, emb, context) if split == 0 else _run_children(middle, mod, h, emb, context, split, len(middle))
@@ -268,11 +271,42 @@ def _fork(gather, n, h, hs, emb, context):
             _take(context, gather, kept))
 
 
+def foreign_patch(module: torch.nn.Module, known_forward) -> str | None:
+    """What someone else attached to ``module`` that a shortcut around its own call would skip, or None.
+
+    A shortcut may run a module's children or body itself only when calling the module would do
+    nothing more: no forward or pre-forward hook (the module's own or torch's global ones), no
+    instance ``forward`` (except PAG's fork), and a class ``forward`` that is ``known_forward``.
+    Checked at every call, so patches added between jobs or during one are seen.
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "a forward hook"
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        return "a global forward hook"
+    own = module.__dict__.get("forward")
+    if own is not None and not getattr(own, "__pag_fork__", False) and not _is_own_bound_forward(module, own):
+        return f"an instance forward ({getattr(own, '__qualname__', type(own).__name__)})"
+    if type(module).forward is not known_forward:
+        return f"another class forward ({getattr(type(module).forward, '__qualname__', '?')})"
+    return None
+
+
 def _can_split(middle, mod) -> bool:
-    """Whether ``middle_block``'s children can be run one by one exactly as its own forward does."""
+    """Whether ``middle_block``'s children can be run one by one exactly as its own forward does.
+
+    Not when something foreign is attached to ``middle_block`` itself (FreeU/Deep-Shrink-style hooks,
+    an instance forward): then the fork moves to the coarser boundary before ``middle_block``.
+    """
     sequential = getattr(mod, "TimestepEmbedSequential", None)
-    return (sequential is not None and type(middle).forward is sequential.forward
-            and hasattr(mod, "TimestepBlock") and hasattr(mod, "SpatialTransformer"))
+    if sequential is None or not hasattr(mod, "TimestepBlock") or not hasattr(mod, "SpatialTransformer"):
+        return False
+    reason = foreign_patch(middle, sequential.forward)
+    if reason is not None:
+        log.debug("PAG fork: middle_block has %s; forking before middle_block instead of inside it", reason)
+        return False
+    return True
 
 
 def _run_children(middle, mod, h, emb, context, start, stop):
@@ -341,5 +375,5 @@ def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, 
             log.warning("PAG: the UNet's forward was replaced while the fork was on; leaving a pass-through")
 
 
-__all__ = ["ForkPoint", "PlainForward", "first_perturbed_stage", "forked_forward", "forking", "original_forward",
+__all__ = ["ForkPoint", "PlainForward", "first_perturbed_stage", "foreign_patch", "forked_forward", "forking", "original_forward",
            "register_original_forward"]

@@ -7,7 +7,6 @@ the wrappers perturb exactly those rows and hand every other row to the module's
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import contextmanager
 
 import torch
@@ -19,11 +18,10 @@ log = logging.getLogger("sd_webui_pag")
 
 
 class RowMarks:
-    """Which rows of the UNet call in progress are perturbed, and that call's latent size."""
+    """Which rows of the UNet call in progress are perturbed."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
-        self.latent_hw: tuple[int, int] | None = None
 
     @contextmanager
     def marking(self, mask):
@@ -46,16 +44,49 @@ class RowMarks:
             return mask.repeat_interleave(batch // mask.numel())
         raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {mask.numel()} marked UNet rows")
 
+
+def transformer_path(attn1_path: str) -> str:
+    """The spatial transformer holding an attn1: ``middle_block.1.transformer_blocks.0.attn1`` → ``middle_block.1``."""
+    return attn1_path.split(".transformer_blocks.", 1)[0]
+
+
+class TokenGrids:
+    """The true ``(h, w)`` token grid of the spatial transformer that is running, from the shape reaching it.
+
+    The grid is read from the ``(B, C, H, W)`` input of each spatial transformer holding a chosen attn1
+    (forward pre-hooks, installed only inside ``watching``), so whatever resized the hidden states
+    before it (Kohya HRFix / Deep Shrink, odd latent sizes, other extensions) is seen as it is.
+    """
+
+    def __init__(self):
+        self._stack: list = []
+
+    @contextmanager
+    def watching(self, unet: torch.nn.Module, paths):
+        """Watch the spatial transformers of the attn1 module ``paths`` for the calls made inside the block."""
+        handles = []
+        try:
+            for path in dict.fromkeys(transformer_path(p) for p in paths):
+                module = unet.get_submodule(path)
+                handles.append(module.register_forward_pre_hook(self._enter))
+                handles.append(module.register_forward_hook(self._leave, always_call=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _enter(self, _module, args):
+        x = args[0] if args else None
+        self._stack.append(tuple(int(v) for v in x.shape[-2:]) if torch.is_tensor(x) and x.ndim == 4 else None)
+
+    def _leave(self, _module, _args, _out):
+        if self._stack:
+            self._stack.pop()
+
     def grid_for(self, tokens: int) -> tuple[int, int] | None:
-        """The token grid of an attention input, from the latent size and the UNet's stride-2 downsamples."""
-        if self.latent_hw is None:
-            return None
-        h, w = self.latent_hw
-        for level in range(8):
-            gh, gw = math.ceil(h / 2 ** level), math.ceil(w / 2 ** level)
-            if gh * gw == tokens:
-                return gh, gw
-        return None
+        """The grid of ``tokens`` image tokens in the running transformer, or None when it is not known."""
+        grid = self._stack[-1] if self._stack else None
+        return grid if grid is not None and grid[0] * grid[1] == tokens else None
 
 
 class AttentionPatch:
@@ -74,9 +105,10 @@ class AttentionPatch:
         self.selection = selection
         self.perturbation = perturbation or Perturbation()
         self.marks = marks or RowMarks()
+        self.grids = TokenGrids()
         self.patched: list[str] = []
         self._installed: list[tuple[torch.nn.Module, bool, object, object]] = []
-        self._hook = None
+        self._watch = None
         self._depth = 0
         self.active = False
 
@@ -95,7 +127,9 @@ class AttentionPatch:
                 module.forward = wrapper
                 self._installed.append((module, had_own, previous, wrapper))
                 self.patched.append(layer.name)
-            self._hook = self.unet.register_forward_pre_hook(self._remember_latent_size)
+            if self.perturbation.needs_grid:
+                self._watch = self.grids.watching(self.unet, self.selection.paths)
+                self._watch.__enter__()
             self.active = True
         except BaseException:
             self._uninstall()
@@ -112,9 +146,9 @@ class AttentionPatch:
 
     def _uninstall(self) -> None:
         self.active = False
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self._watch is not None:
+            self._watch.__exit__(None, None, None)
+            self._watch = None
         for module, had_own, previous, wrapper in reversed(self._installed):
             if module.__dict__.get("forward") is not wrapper:
                 log.warning("PAG: %s's forward was replaced after PAG patched it; leaving a pass-through wrapper",
@@ -126,10 +160,6 @@ class AttentionPatch:
                 del module.forward
         self._installed.clear()
         self.patched = []
-
-    def _remember_latent_size(self, _module, args):
-        if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
-            self.marks.latent_hw = tuple(args[0].shape[-2:])
 
     # --- the wrapper ---
 
@@ -147,7 +177,7 @@ class AttentionPatch:
                 return own_forward(x, *args, **kwargs)
             rows = rows.to(x.device)
             extra = kwargs.get("additional_tokens")
-            grid = patch.marks.grid_for(x.shape[1])
+            grid = patch.grids.grid_for(x.shape[1])
             if strength < 1.0:
                 out = own_forward(x, *args, **kwargs)
                 perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))

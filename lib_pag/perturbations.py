@@ -6,11 +6,14 @@ and other Linear-level patches still apply.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("sd_webui_pag")
 
 
 @dataclass
@@ -22,6 +25,12 @@ class Perturbation:
     noise_scale: float = 1.0
     seed: int = 0
     _generator: torch.Generator | None = field(default=None, repr=False)
+    _warned_grid: bool = field(default=False, repr=False)
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether this method needs the 2-D token grid of each perturbed attention call."""
+        return self.method == "blur"
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -32,6 +41,12 @@ class Perturbation:
         if self.method == "identity":
             return identity_attention(attn, x)
         if self.method == "blur":
+            if grid is None:
+                grid = (1, x.shape[1])
+                if not self._warned_grid:
+                    self._warned_grid = True
+                    log.warning("PAG blur: the token grid of a %d-token attention is not known; blurring along the "
+                                "flattened token order instead (warned once per job)", x.shape[1])
             return blurred_query_attention(attn, x, self.blur_sigma, grid, additional_tokens)
         if self.method == "noise":
             if self._generator is None:
@@ -89,14 +104,13 @@ def _with_extra(x, additional_tokens):
 
 
 def blurred_query_attention(attn, x, sigma, grid, additional_tokens=None):
-    """Smoothed-energy style: attention with the query blurred over the token grid (inf = mean query)."""
+    """Smoothed-energy style: attention with the query blurred over the token grid (inf = mean query).
+
+    ``x``: ``(B, N, C)`` image tokens; ``grid``: their ``(h, w)`` with ``h·w = N`` (``(1, N)`` blurs along
+    the flattened order); ``additional_tokens`` (``(B, M, C)``, sgm) join K/V and are not blurred.
+    """
     full, extra = _with_extra(x, additional_tokens)
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
-    if grid is None:
-        side = math.isqrt(x.shape[1])
-        if side * side != x.shape[1]:
-            raise ValueError(f"cannot tell the token grid of {x.shape[1]} tokens for the blur perturbation")
-        grid = (side, side)
     q = torch.cat([q[:, :extra], blur_tokens(q[:, extra:], sigma, grid)], dim=1)
     heads = _heads(attn)
     out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))

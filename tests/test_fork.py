@@ -57,7 +57,6 @@ def batched(unet, selection, inputs, perturbation=None):
 def forked_direct(unet, selection, inputs, source=SOURCE):
     x, t, kw = inputs
     marks = RowMarks()
-    marks.latent_hw = tuple(x.shape[-2:])
     with torch.no_grad(), AttentionPatch(unet, selection, marks=marks), marks.marking(MASK):
         return forked_forward(unet, x, t, kw.get("context"), kw.get("y"), perturbed=MASK, source=source,
                               first_block=first_perturbed_stage(selection))
@@ -111,8 +110,8 @@ def test_fork_says_where_it_forked(sd15, caplog):
     assert "PAG fork before middle_block[1]: prefix on 4 of 6 rows" in caplog.text
 
 
-def test_fork_with_blur_uses_the_latent_grid(sd15):
-    """Called through unet(...), the patch's pre-hook still sees the latent size (blur needs the grid)."""
+def test_fork_with_blur_uses_the_true_grid(sd15):
+    """Forked, the spatial transformers still run as modules, so blur's grid probe sees their input."""
     selection = resolve_layers("mid,u0", build_catalog(sd15))
     inputs = twin_batch(sd15)
     blur = Perturbation("blur", blur_sigma=2.0)

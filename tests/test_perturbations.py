@@ -105,4 +105,28 @@ def test_blur_through_the_patch_finds_the_token_grid():
     finally:
         Perturbation.__call__ = original_call
     assert seen["grid"] == (3, 3)
-    assert marks.grid_for(12 * 12) == (12, 12) and marks.grid_for(7) is None
+    assert not unet.middle_block[1]._forward_pre_hooks and not unet.middle_block[1]._forward_hooks
+
+
+def test_blur_without_a_grid_blurs_the_token_order_and_warns_once(attn, caplog):
+    """No grid (the attention is not inside a watched transformer): a 1-D blur over the flattened tokens."""
+    x = tokens(attn, n=10)
+    blur = Perturbation("blur", blur_sigma=1.5)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="sd_webui_pag"):
+        a = blur(attn, x)
+        b = blur(attn, x)
+        # independent reference: Gaussian weights along the token order, then ordinary attention
+        pos = torch.arange(10.0)
+        g = torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2 * 1.5 ** 2))
+        g = g / g.sum(1, keepdim=True)
+        h = attn.heads
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        q = torch.einsum("ij,bjc->bic", g, q)
+        q, k, v = (t.reshape(2, 10, h, -1).transpose(1, 2) for t in (q, k, v))
+        out = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+        expected = attn.to_out(out.transpose(1, 2).reshape(2, 10, -1))
+        plain = attention(attn, x, x)
+    torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b, expected, rtol=1e-4, atol=1e-5)
+    assert caplog.text.count("token grid of a 10-token attention is not known") == 1
+    assert float((a - plain).abs().max()) > 1e-3

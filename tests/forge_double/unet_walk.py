@@ -9,7 +9,8 @@ own UNets do:
   ``("input", id)`` / ``("middle", 0)`` / ``("output", id)``, ControlNet residuals popped per block
   (``apply_control``), then ``("last", 0)``;
 - ``block_forward`` mirrors ``TimestepEmbedSequential.forward`` / ``forward_timestep_embed``;
-- ``spatial_transformer_forward`` mirrors ``SpatialTransformer.forward`` (sets ``["block_index"]``);
+- ``spatial_transformer_forward`` mirrors ``SpatialTransformer.forward`` (sets ``["block_index"]``), called
+  with the module's forward (pre-)hooks, as the host's ``layer(x, context, transformer_options)`` does;
 - ``transformer_block_forward`` mirrors ``BasicTransformerBlock._forward``: ``extra_options`` =
   transformer_options minus patches plus ``n_heads``/``dim_head`` (reForge also ``attn_precision``),
   ``attn1_patch``, the attn1 replace lookup ``(block, id, block_index)`` then ``(block, id)`` with
@@ -72,7 +73,7 @@ def block_forward(seq, x, emb, context, to, attention, extra_keys):
         if isinstance(layer, TimestepBlock):
             x = layer(x, emb)
         elif isinstance(layer, SpatialTransformer):
-            x = spatial_transformer_forward(layer, x, context, to, attention, extra_keys)
+            x = called_as_module(layer, spatial_transformer_forward, x, context, to, attention, extra_keys)
             if "transformer_index" in to:
                 to["transformer_index"] += 1
         elif isinstance(layer, Upsample):
@@ -80,6 +81,22 @@ def block_forward(seq, x, emb, context, to, attention, extra_keys):
         else:
             x = layer(x)
     return x
+
+
+def called_as_module(module, forward, x, context, to, *rest):
+    """The host calls ``layer(x, context, transformer_options)``: torch's ``Module.__call__`` runs the
+    module's pre-forward hooks on ``(x, context, transformer_options)`` and its forward hooks after."""
+    args = (x, context, to)
+    for hook in list(module._forward_pre_hooks.values()):
+        changed = hook(module, args)
+        if changed is not None:
+            args = changed if isinstance(changed, tuple) else (changed,)
+    out = forward(module, *args, *rest)
+    for hook in list(module._forward_hooks.values()):
+        changed = hook(module, args, out)
+        if changed is not None:
+            out = changed
+    return out
 
 
 def spatial_transformer_forward(st, x, context, to, attention, extra_keys):
