@@ -7,7 +7,9 @@
   runs the UNet inside the attention patch for exactly those rows — the model is patched only
   for the duration of a call, so an exception or interrupt can never leave it patched;
 - ``on_cfg_denoised``: the perturbed rows' output gives ``s·Σ w·(cond − perturbed)`` per image;
-- ``on_cfg_after_cfg``: that term is added (times ``nmask`` where the inpaint blend already ran).
+- ``combine_denoised`` (wrapped on the denoiser, chained): that term joins the combined prediction
+  before the host's inpaint blend (hard masks and soft inpainting alike);
+- ``on_cfg_after_cfg``: ends the call (a fallback adds the term there if the combine step was replaced).
 
 Host modules are imported lazily so this file loads (and is tested) without the WebUI.
 """
@@ -53,6 +55,7 @@ class Call:
     lost: bool = False
     delta: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    applied: bool = False  # the term went into the host's combine_denoised (before its mask blend)
 
 
 @dataclass
@@ -347,6 +350,7 @@ def on_cfg_denoiser(params) -> None:
         call.x_in, call.mask = params.x, perturbed_mask(n_cond, batch)
     job.call = call
     install_inner_wrapper(den, job)
+    install_combine_wrapper(den)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma,
                   scale, n_cond, layout, ",".join(selection.names))
@@ -398,20 +402,55 @@ def on_cfg_denoised(params) -> None:
         call.reference = multicond_reference(cond, call.conds_list)
 
 
+def guided_with_pag(job: Job, call: Call, denoised: torch.Tensor, *, blended: bool) -> torch.Tensor:
+    """``denoised + s·Σ w·(cond − perturbed)``, then rescale; ``blended``: the host's inpaint blend already ran.
+
+    Rescale measures only the repainted area (``nmask``) of an inpainting job.
+    """
+    den = call.denoiser
+    guided = denoised.float() + call.delta.float()
+    inpainting = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
+    if call.reference is not None:
+        guided = rescale_guided(guided, call.reference.float(), job.params.rescale, den.nmask if inpainting else None)
+    if blended and inpainting:
+        guided = denoised.float() + (guided - denoised.float()) * den.nmask.float()
+    return guided.to(denoised.dtype)
+
+
+def install_combine_wrapper(denoiser) -> None:
+    """Wrap the denoiser's ``combine_denoised`` once (chained to an instance one someone put there first).
+
+    The PAG term joins the host's combined prediction right there, so whatever the host does after it
+    (the inpaint mask blend, soft inpainting's sigma-dependent ``on_mask_blend``) treats CFG and PAG alike.
+    """
+    previous = denoiser.__dict__.get("combine_denoised")
+    if getattr(previous, "__pag_combine__", False):
+        return
+
+    def combine_denoised(*args, **kwargs):
+        own = previous if previous is not None else (lambda *a, **k: type(denoiser).combine_denoised(denoiser, *a, **k))
+        out = own(*args, **kwargs)
+        job = JOBS.current
+        call = job.call if job is not None else None
+        if call is None or call.denoiser is not denoiser or call.delta is None or call.applied:
+            return out
+        call.applied = True
+        return guided_with_pag(job, call, out, blended=False)
+
+    combine_denoised.__pag_combine__ = True
+    denoiser.combine_denoised = combine_denoised
+
+
 def on_cfg_after_cfg(params) -> None:
     job = _job_with_call(params)
     if job is None or job.call.delta is None:
         return
     call, job.call = job.call, None
-    den = call.denoiser
-    x = params.x
-    guided = x.float() + call.delta.float()
-    blended = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
-    if call.reference is not None:  # with the inpaint blend done, measure only the repainted area
-        guided = rescale_guided(guided, call.reference.float(), job.params.rescale, den.nmask if blended else None)
-    if blended:
-        guided = x.float() + (guided - x.float()) * den.nmask.float()  # the inpaint blend already ran
-    params.x = guided.to(x.dtype)
+    if call.applied:
+        return
+    # combine_denoised was replaced after PAG wrapped it: the term goes on the blended result instead
+    log.warning("PAG: the CFG combine step ran without PAG's wrapper; PAG term added after the mask blend")
+    params.x = guided_with_pag(job, call, params.x, blended=True)
 
 
 def _job_with_call(params) -> Job | None:

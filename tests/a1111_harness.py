@@ -31,13 +31,18 @@ from unets import reference_unet  # noqa: E402
 SCRIPT = ROOT / "scripts" / "pag.py"
 
 
-def load_webui(model, with_xyz=True):
-    """Fresh script registry, the extension loaded from its file like the host, UI built for both tabs."""
+def load_webui(model, with_xyz=True, builtin=()):
+    """Fresh script registry, the extension loaded from its file like the host, UI built for both tabs.
+
+    ``builtin``: more script doubles from ``tests/webui/scripts`` to load first (e.g. ``"soft_inpainting"``).
+    """
     scripts.test_only_reset()
     infotext_utils.reset()
     script_callbacks.clear_callbacks()
     shared.sd_model = model
     xyz = scripts.test_only_load_builtin_xyz_grid() if with_xyz else None
+    for name in builtin:
+        scripts.test_only_load_script_file(str(ROOT / "tests" / "webui" / "scripts" / f"{name}.py"), base=str(ROOT / "tests" / "webui"))
     module = scripts.test_only_load_script_file(str(SCRIPT))
     assert module is not None, "scripts/pag.py failed to load"
     script_callbacks.before_ui_callback()
@@ -173,8 +178,12 @@ def _predict(model, call: DenoiserCall, x, sigma, text, image_cond):
 
 
 def expected_output(call: DenoiserCall, model, ref_model, pag_scale: float, *, skipped: bool = False,
-                    uncond_image_cond_zero: bool = False):
-    """The guided output of one recorded call, built row by row from unpatched and reference models."""
+                    uncond_image_cond_zero: bool = False, blend=None):
+    """The guided output of one recorded call, built row by row from unpatched and reference models.
+
+    Inpainting (k-diffusion): the host's blend of that output, ``blend(result, call)`` when given, else
+    the plain ``result·nmask + init_latent·mask``.
+    """
     conds_list, tensor = prompt_parser.reconstruct_multicond_batch(call.cond, call.step)
     uncond = prompt_parser.reconstruct_cond_batch(call.uncond, call.step)
     outs = []
@@ -196,7 +205,7 @@ def expected_output(call: DenoiserCall, model, ref_model, pag_scale: float, *, s
             outs.append(out)
     result = torch.cat(outs)
     if call.mask is not None and not call.timesteps:
-        result = result * call.nmask + call.init_latent * call.mask
+        result = blend(result, call) if blend is not None else result * call.nmask + call.init_latent * call.mask
     return result
 
 

