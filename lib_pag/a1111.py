@@ -56,6 +56,7 @@ class Call:
     delta: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     applied: bool = False  # the term went into the host's combine_denoised (before its mask blend)
+    twins: bool = False  # the twins sit at rows n_cond:2·n_cond of the denoiser's batch (batched layout)
 
 
 @dataclass
@@ -148,10 +149,28 @@ class JobRegistry:
 JOBS = JobRegistry()
 
 
+NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
+
+
 def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
-    """Why PAG does not run, in the log and in the generation's comments."""
+    """Why PAG does not run, in the log and in the generation's comments.
+
+    A refusal of the model or the setup (not of a bad setting, which the user sees as an error) also
+    replaces the PAG infotext by a ``PAG note``, so the image does not claim a PAG it did not get.
+    """
     log.log(level, "PAG refused: %s", reason)
     comment(p, f"PAG not applied: {reason}")
+    if level < logging.ERROR:
+        write_note(p, f"not applied: {reason}")
+
+
+def write_note(p, text: str) -> None:
+    """Drop this job's PAG settings from the infotext and say why in ``PAG note``."""
+    extra = getattr(p, "extra_generation_params", None)
+    if isinstance(extra, dict):
+        for key in [k for k in extra if isinstance(k, str) and k.startswith(INFOTEXT_PREFIX)]:
+            del extra[key]
+        extra[NOTE_KEY] = text
 
 
 def comment(p, text: str) -> None:
@@ -202,10 +221,29 @@ def read_params(p, args) -> tuple[PagParams | None, str | None]:
     return params, None
 
 
+NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet engine such as TensorRT, or an "
+                "extension that replaced them): there is no self-attention for PAG to perturb")
+
+
+def alternative_unet_refusal() -> str | None:
+    """A1111's ``sd_unet.current_unet`` (TensorRT and other engines) runs no PyTorch attention modules."""
+    import sys
+
+    sd_unet = sys.modules.get("modules.sd_unet")
+    engine = getattr(sd_unet, "current_unet", None)
+    if engine is None:
+        return None
+    return (f"an alternative UNet ({type(engine).__name__}, SD Unet setting) is active; it runs no PyTorch "
+            "attention modules for PAG to perturb")
+
+
 def refusal_for_model(sd_model) -> str | None:
     """Why PAG cannot run on this model, or None."""
     if sd_model is None:
         return "no model is loaded"
+    engine = alternative_unet_refusal()
+    if engine is not None:
+        return engine
     if getattr(sd_model, "is_sd3", False):
         return "SD3 has no UNet self-attention blocks"
     inner = getattr(sd_model, "model", None)
@@ -240,8 +278,8 @@ def start_job(p, args) -> Job | None:
                      selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
                      f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
     if reason is not None:
-        job.refuse(reason, level)
         write_infotext(p, PagParams())
+        job.refuse(reason, level)
     return job
 
 
@@ -347,7 +385,7 @@ def on_cfg_denoiser(params) -> None:
         params.sigma = twin_rows(params.sigma, n_cond)
         params.image_cond = twin_rows(params.image_cond, n_cond)
         params.text_cond = twin_cond(params.text_cond, n_cond)
-        call.x_in, call.mask = params.x, perturbed_mask(n_cond, batch)
+        call.x_in, call.mask, call.twins = params.x, perturbed_mask(n_cond, batch), True
     job.call = call
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
@@ -376,7 +414,20 @@ def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> boo
         return False
     if params.x.shape[0] != 2 * n_cond or getattr(den, "image_cfg_scale", None) not in (None, 1.0):
         return False
+    if not stock_combine(den):
+        return False
     return True
+
+
+def stock_combine(den) -> bool:
+    """Whether the denoiser combines with the WebUI's own ``CFGDenoiser.combine_denoised`` (no subclass or
+    instance replacement, e.g. Dynamic Thresholding's), which provably ignores the uncond rows at CFG 1."""
+    own = den.__dict__.get("combine_denoised")
+    if own is not None and not (getattr(own, "__pag_combine__", False) and own.__pag_previous__ is None):
+        return False
+    function = type(den).combine_denoised
+    return (getattr(function, "__module__", "") == "modules.sd_samplers_cfg_denoiser"
+            and getattr(function, "__qualname__", "") == "CFGDenoiser.combine_denoised")
 
 
 def on_cfg_denoised(params) -> None:
@@ -427,17 +478,22 @@ def install_combine_wrapper(denoiser) -> None:
     if getattr(previous, "__pag_combine__", False):
         return
 
-    def combine_denoised(*args, **kwargs):
+    def combine_denoised(x_out, *args, **kwargs):
         own = previous if previous is not None else (lambda *a, **k: type(denoiser).combine_denoised(denoiser, *a, **k))
-        out = own(*args, **kwargs)
         job = JOBS.current
         call = job.call if job is not None else None
         if call is None or call.denoiser is not denoiser or call.delta is None or call.applied:
-            return out
+            return own(x_out, *args, **kwargs)
+        if call.twins and torch.is_tensor(x_out) and x_out.shape[0] >= 2 * call.n_cond:
+            # the combine step (the host's, or one another extension put there: Dynamic Thresholding
+            # reads every row before the uncond rows as a cond row) sees exactly the batch it would
+            # see without PAG
+            x_out = torch.cat([x_out[:call.n_cond], x_out[2 * call.n_cond:]])
         call.applied = True
-        return guided_with_pag(job, call, out, blended=False)
+        return guided_with_pag(job, call, own(x_out, *args, **kwargs), blended=False)
 
     combine_denoised.__pag_combine__ = True
+    combine_denoised.__pag_previous__ = previous
     denoiser.combine_denoised = combine_denoised
 
 
@@ -494,10 +550,11 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
 def perturbing(job: Job, unet, mask):
     """The UNet calls inside run with the marked rows perturbed (and the shared prefix forked off)."""
     selection = job.selection_for(unet)
-    # forking after the patch: the patch's latent-size hook must still see the full UNet call
-    with AttentionPatch(unet, selection, job.perturbation, job.marks), job.marks.marking(mask), \
+    with AttentionPatch(unet, selection, job.perturbation, job.marks) as patch, job.marks.marking(mask), \
             forking(unet, selection, mask):
         yield
+    if patch.perturbed_calls == 0:
+        job.refuse(NEVER_CALLED)
 
 
 def rows_of_call(call: Call, x: torch.Tensor):

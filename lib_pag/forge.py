@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from .a1111 import announce_refusal, read_params, write_infotext
+from .a1111 import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
@@ -60,7 +60,6 @@ log = logging.getLogger("sd_webui_pag")
 FORGE2, REFORGE, A1111 = "forge2", "reforge", "a1111"
 JOB_ATTR = "_pag_forge_job"
 MARK = "pag_rows"  # transformer_options key: which rows of this UNet call are perturbed
-NOTE_KEY = "PAG note"
 REFINER_NOTE = "not applied after the refiner switch"
 _HOST: dict = {}
 
@@ -241,6 +240,7 @@ class ForgeJob:
         self.selection_of: int | None = None  # id() of the diffusion model the selection was resolved on
         self.diffusion_model = None  # weak reference to the UNet the selection was resolved on
         self.grids = TokenGrids()  # blur: the true token grid of each perturbed attention call
+        self.perturbed_calls = 0  # attn1 replace-patch calls that perturbed marked rows
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
@@ -327,8 +327,8 @@ def apply(p, args) -> ForgeJob | None:
         return job
     diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
     if diffusion_model is None or not hasattr(diffusion_model, "input_blocks"):
-        job.refuse("this model has no UNet of the latent-diffusion family")
         write_infotext(p, PagParams())
+        job.refuse("this model has no UNet of the latent-diffusion family")
         return job
     if job.selection is None or job.selection_of != id(diffusion_model):
         try:
@@ -336,8 +336,8 @@ def apply(p, args) -> ForgeJob | None:
             job.selection_of = id(diffusion_model)
             job.diffusion_model = weakref.ref(diffusion_model)
         except PagError as err:
-            job.refuse(str(err), logging.ERROR)
             write_infotext(p, PagParams())
+            job.refuse(str(err), logging.ERROR)
             return job
     seeds = getattr(p, "seeds", None)
     job.perturbation.reseed(int(seeds[0]) if seeds else int(getattr(p, "seed", 0) or 0))
@@ -483,8 +483,12 @@ def _make_unet_wrapper(job: ForgeJob, previous):
         new_args = dict(args)
         new_args.update(input=_twin(x, index, total), timestep=_twin(args["timestep"], index, total), c=twinned,
                         cond_or_uncond=cond_or_uncond + [0] * len(matches))
+        before = job.perturbed_calls
         with job.watching_grids():
             out = run(apply_model, new_args)
+        if job.perturbed_calls == before:
+            job.refuse(NEVER_CALLED)
+            return out[:total]
         for i, (_, k) in enumerate(matches):
             step.add(k, out[total + i * rows:total + (i + 1) * rows])
         return out[:total]
@@ -570,6 +574,7 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
         rows = mark.rows_for(q.shape[0]).to(q.device)
         if not bool(rows.any()):
             return through(q, k, v, extra)
+        job.perturbed_calls += 1
         grid = job.grids.grid_for(q.shape[1])
         heads = extra["n_heads"]
         perturbed = job.perturbation(_Projected(q[rows], k[rows], v[rows], heads), q[rows], grid=grid)
@@ -612,6 +617,8 @@ def _make_post_cfg(job: ForgeJob):
             if _mode(job) == "batched":
                 log.debug("PAG: the perturbed rows did not come back from the batched call; separate call this step")
             perturbed, how = _separate(job, args), "separate"
+            if not job.live:
+                return denoised
         guided = denoised.float() + scale * (cond_denoised.float() - perturbed.float())
         if job.params.rescale:
             guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
@@ -627,8 +634,12 @@ def _separate(job: ForgeJob, args) -> torch.Tensor:
     options["transformer_options"] = dict(options.get("transformer_options", {}))
     _add_patches(job, options)
     options["transformer_options"][MARK] = PagRows(None)
+    before = job.perturbed_calls
     with job.watching_grids():
-        return job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
+        out = job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
+    if job.perturbed_calls == before:
+        job.refuse(NEVER_CALLED)
+    return out
 
 
 __all__ = ["A1111", "FORGE2", "REFORGE", "ForgeJob", "HostApi", "PagRows", "apply", "detect_host", "diffusion_model_of", "end", "host_api",

@@ -109,6 +109,7 @@ class AttentionPatch:
         self.patched: list[str] = []
         self._installed: list[tuple[torch.nn.Module, bool, object, object]] = []
         self._watch = None
+        self.perturbed_calls = 0  # attn1 calls that perturbed marked rows (0 after a UNet call: the modules never ran)
         self._depth = 0
         self.active = False
 
@@ -176,6 +177,7 @@ class AttentionPatch:
             if rows is None:
                 return own_forward(x, *args, **kwargs)
             rows = rows.to(x.device)
+            patch.perturbed_calls += 1
             extra = kwargs.get("additional_tokens")
             grid = patch.grids.grid_for(x.shape[1])
             if strength < 1.0:

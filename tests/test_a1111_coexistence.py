@@ -136,3 +136,114 @@ def test_middle_block_hook_runs_and_fork_stays_exact(sd15_webui, monkeypatch):
     assert float((forked - unforked).abs().max()) / scale <= TOL
     assert float((forked - separate).abs().max()) / scale <= TOL
     assert float((forked - plain).abs().max()) / scale > 1e-3
+
+
+# --- Dynamic Thresholding (mcmonkey4eva/sd-dynamic-thresholding): a CFG denoiser subclass -------------
+
+class DynThreshDenoiser:
+    """Mixin mirroring ``scripts/dynamic_thresholding.py: CustomCFGDenoiser.combine_denoised`` and
+    ``dynthres_core.py: DynThresh.dynthresh`` (constant mimic/CFG modes, percentile 1): **every row before the
+    uncond rows is a cond row** (``x_out[:-uncond rows]``, grouped per image), CFG at the mimic scale and at the
+    real scale, both centred per channel, the real one clamped and rescaled to the mimic one's range."""
+
+    mimic_scale = 3.0
+
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+        if isinstance(uncond, dict):
+            uncond = uncond["crossattn"]
+        u = x_out[-uncond.shape[0]:]
+        cond = x_out[:-uncond.shape[0]]
+        per_image = cond.shape[0] / u.shape[0]
+        assert per_image == int(per_image), "Expected # of conds per batch to be constant across batches"
+        weights = torch.tensor(conds_list).select(2, 1).reshape(len(conds_list), -1, 1, 1, 1)
+        relative = ((cond.reshape((-1, int(per_image)) + u.shape[1:]) - u.unsqueeze(1)) * weights).sum(1)
+        mimic, real = u + relative * self.mimic_scale, u + relative * cond_scale
+        mim, cfg = mimic.flatten(2), real.flatten(2)
+        mim_means, cfg_means = mim.mean(2, keepdim=True), cfg.mean(2, keepdim=True)
+        mim_max = (mim - mim_means).abs().max(2, keepdim=True).values
+        cfg_max = (cfg - cfg_means).abs().max(2, keepdim=True).values
+        actual = torch.maximum(cfg_max, mim_max)
+        out = (cfg - cfg_means).clamp(-actual, actual) / actual * mim_max + cfg_means
+        return out.unflatten(2, u.shape[2:])
+
+
+@pytest.fixture()
+def dynthresh(sd15_webui, monkeypatch):
+    from modules import sd_samplers_kdiffusion
+
+    class CustomCFGDenoiser(DynThreshDenoiser, sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
+        pass
+
+    # upstream registers "<sampler>_dynthres" samplers whose model_wrap_cfg is its subclass
+    monkeypatch.setattr(sd_samplers_kdiffusion, "CFGDenoiserKDiffusion", CustomCFGDenoiser)
+    return sd15_webui
+
+
+@pytest.mark.parametrize("batch_size,cfg_scale", [(1, 7.0), (2, 7.0), (1, 1.0)])
+def test_dynamic_thresholding_sees_the_batch_it_would_see_without_pag(dynthresh, batch_size, cfg_scale):
+    def job(values):
+        p = txt2img(values, steps=3, cfg_scale=cfg_scale, batch_size=batch_size, width=128, height=128)
+        return latents(processing.process_images(p))
+
+    pag = {"enabled": True, "scale": 3.0, "layers": "mid,up"}
+    batched = job([pag])
+    separate = job([{**pag, "mode": "separate"}])
+    plain = job([False])
+    scale = max(1.0, float(separate.abs().max()))
+    assert float((batched - separate).abs().max()) / scale <= TOL
+    assert float((batched - plain).abs().max()) / scale > 1e-3
+
+
+# --- UNet engines that run no PyTorch attention (TensorRT's sd_unet) ---------------------------------
+
+def rows_per_unet_call(unet):
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    return rows, handle
+
+
+def test_active_sd_unet_engine_is_refused_without_extra_rows(sd15_webui, monkeypatch, caplog):
+    import sys
+    import types
+
+    engine = types.ModuleType("modules.sd_unet")
+
+    class TrtUnet:  # stands for the TensorRT extension's SdUnet while it is selected
+        pass
+
+    engine.current_unet = TrtUnet()
+    monkeypatch.setitem(sys.modules, "modules.sd_unet", engine)
+    rows, handle = rows_per_unet_call(sd15_webui.model.diffusion_model)
+    try:
+        with caplog.at_level("WARNING", logger="sd_webui_pag"):
+            p = txt2img([{"enabled": True, "scale": 3.0}], steps=2)
+            processed = processing.process_images(p)
+    finally:
+        handle.remove()
+    assert rows == [2, 2]  # cond + uncond only
+    assert "alternative UNet (TrtUnet" in caplog.text
+    assert "PAG scale" not in processed.infotexts[0] and "PAG note: \"not applied: an alternative UNet" in processed.infotexts[0]
+    assert any("PAG not applied" in c for c in p.comments)
+
+
+def test_unet_that_never_calls_attn1_is_refused(sd15_webui, caplog):
+    """An engine in the UNet's place (here an instance forward computing with a private copy): the chosen
+    attn1 modules never run, so the first perturbed call tells, PAG stops and says so."""
+    import copy
+
+    unet = sd15_webui.model.diffusion_model
+    private = copy.deepcopy(unet)
+    unet.forward = lambda *args, **kwargs: private(*args, **kwargs)
+    rows, handle = rows_per_unet_call(unet)
+    try:
+        with caplog.at_level("WARNING", logger="sd_webui_pag"):
+            p = txt2img([{"enabled": True, "scale": 3.0}], steps=3, width=128, height=128)
+            pag = latents(processing.process_images(p))
+        plain = latents(processing.process_images(txt2img([False], steps=3, width=128, height=128)))
+    finally:
+        handle.remove()
+        del unet.forward
+    assert rows[:3] == [3, 2, 2]  # one call with the twin, then none
+    assert "without calling the chosen attn1 modules" in caplog.text
+    assert "PAG scale" not in p.extra_generation_params and p.extra_generation_params["PAG note"].startswith("not applied")
+    assert torch.equal(pag, plain)
