@@ -397,7 +397,24 @@ def _install(unet, job: ForgeJob) -> None:
         else:
             unet.set_model_sampler_calc_cond_batch_function(
                 _make_calc_cond_batch(job, options.get("sampler_calc_cond_batch_function")))
+        if hasattr(unet, "set_memory_peak_estimation_modifier"):
+            unet.set_memory_peak_estimation_modifier(
+                _make_memory_estimate(unet, options.get("memory_peak_estimation_modifier")))
     unet.set_model_sampler_post_cfg_function(_make_post_cfg(job))
+
+
+def _make_memory_estimate(unet, previous):
+    """``memory_peak_estimation_modifier``: the host reserves memory for its ``[2·B, C, H, W]`` cond + uncond
+    batch before sampling; the batched twins add one row per cond row, so count ``3·B`` rows (chained to a
+    modifier another extension set)."""
+
+    def estimate(shape):
+        shape = list(shape)
+        rows = shape[0] + (shape[0] + 1) // 2
+        return (previous if previous is not None else unet.memory_required)([rows] + shape[1:])
+
+    estimate.__pag_memory__ = True
+    return estimate
 
 
 def _tag(fn, job):

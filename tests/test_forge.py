@@ -381,3 +381,31 @@ def test_other_perturbations_run_batched(host, method):
         plain = expected(host.unet, host.unet, x, sigma, uncond, cond, conds_list, 5.0, 0.0)
     assert torch.isfinite(got).all() and rel_err(got, plain) > 1e-4
     assert forge.job_of(p).log[0][-1] == "batched"
+
+
+def test_memory_reservation_counts_the_twin_rows(host):
+    """The host reserves memory for ``[2·B, C, H, W]`` before sampling (sampling_prepare); with PAG batched
+    the estimate is that of a third row per image, chained to a modifier another extension set."""
+    if host.kind == "forge2":
+        from backend.patcher.unet import sampling_prepare_estimate
+    else:
+        from ldm_patched.modules.model_patcher import sampling_prepare_estimate
+
+    seen = []
+
+    def other_extension(shape):  # e.g. AnimateDiff's estimator
+        seen.append(list(shape))
+        return 7 * host.patcher.memory_required(shape)
+
+    host.patcher.set_memory_peak_estimation_modifier(other_extension)
+    x = torch.zeros(2, 4, 8, 8)
+    without = sampling_prepare_estimate(host.patcher, x)
+    p, _ = run(host, PagParams(enabled=True, scale=3.0, layers="mid"))
+    patched = p.sd_model.forge_objects.unet
+    assert patched is not host.patcher
+    with_pag = sampling_prepare_estimate(patched, x)
+    assert seen[-1] == [6, 4, 8, 8] and without == 7 * host.patcher.memory_required([4, 4, 8, 8])
+    assert with_pag == 7 * host.patcher.memory_required([6, 4, 8, 8]) == 1.5 * without
+    assert sampling_prepare_estimate(host.patcher, x) == without  # the starting patcher is untouched
+    p, _ = run(host, PagParams(enabled=True, scale=3.0, layers="mid", mode="separate"))
+    assert sampling_prepare_estimate(p.sd_model.forge_objects.unet, x) == without  # separate: B rows at a time

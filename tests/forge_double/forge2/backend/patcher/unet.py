@@ -21,3 +21,15 @@ class UnetPatcher(ModelPatcher):
         self.model_options.setdefault("sampler_pre_cfg_function", [])
         if not (ensure_uniqueness and modifier in self.model_options["sampler_pre_cfg_function"]):
             self.model_options["sampler_pre_cfg_function"].append(modifier)
+
+    def set_memory_peak_estimation_modifier(self, modifier):
+        """Mirrors ``UnetPatcher.set_memory_peak_estimation_modifier`` (one slot in ``model_options``)."""
+        self.model_options["memory_peak_estimation_modifier"] = modifier
+
+
+def sampling_prepare_estimate(unet, x):
+    """Mirrors the estimate at the top of ``backend/sampling/sampling_function.py: sampling_prepare``: the
+    memory Forge reserves for a batch of ``x``'s rows, asked for cond + uncond rows (``B * 2``)."""
+    b, c, h, w = x.shape
+    estimate = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
+    return estimate([b * 2, c, h, w])

@@ -70,5 +70,17 @@ class ModelPatcher:
     def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
         self.model_options = set_model_options_patch_replace(self.model_options, patch, name, block_name, number, transformer_index)
 
+    def set_memory_peak_estimation_modifier(self, modifier):
+        """Mirrors reForge ``modules_forge/unet_patcher.py: UnetPatcher.set_memory_peak_estimation_modifier``."""
+        self.model_options["memory_peak_estimation_modifier"] = modifier
+
     def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
         self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+
+def sampling_prepare_estimate(unet, x):
+    """Mirrors the estimate in reForge ``modules_forge/forge_sampler.py: sampling_prepare``: the memory
+    reserved for a batch of ``x``'s rows, asked for cond + uncond rows (``B * 2``)."""
+    b, c, h, w = x.shape
+    estimate = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
+    return estimate([b * 2, c, h, w])
