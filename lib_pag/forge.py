@@ -52,7 +52,7 @@ from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
-from .patch import TokenGrids
+from .patch import TokenGrids, fit_rows
 from .perturbations import Perturbation
 
 log = logging.getLogger("sd_webui_pag")
@@ -151,15 +151,11 @@ class PagRows:
 
     mask: torch.Tensor | None = None
 
-    def rows_for(self, batch: int) -> torch.Tensor:
+    def rows_for(self, batch: int, unet_rows: int | None = None) -> torch.Tensor:
+        """``unet_rows``: the UNet call's batch (``original_shape[0]``; MultiDiffusion tiles the batch)."""
         if self.mask is None:
             return torch.ones(batch, dtype=torch.bool)
-        n = self.mask.numel()
-        if batch == n:
-            return self.mask
-        if batch % n == 0:  # a UNet batch tiled into sub-rows (hypertile-style)
-            return self.mask.repeat_interleave(batch // n)
-        raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {n} marked UNet rows")
+        return fit_rows(self.mask, batch, unet_rows)
 
 
 class Step:
@@ -588,7 +584,8 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
         mark = extra.get(MARK)
         if mark is None or not job.live:
             return through(q, k, v, extra)
-        rows = mark.rows_for(q.shape[0]).to(q.device)
+        shape = extra.get("original_shape")
+        rows = mark.rows_for(q.shape[0], int(shape[0]) if shape else None).to(q.device)
         if not bool(rows.any()):
             return through(q, k, v, extra)
         job.perturbed_calls += 1

@@ -17,11 +17,38 @@ from .perturbations import Perturbation
 log = logging.getLogger("sd_webui_pag")
 
 
+def fit_rows(mask: torch.Tensor, batch: int, unet_rows: int | None = None) -> torch.Tensor:
+    """The marked rows of one attention call, from the mask over the batch the host built.
+
+    ``mask``: bool over the host's batch (``N`` rows); ``unet_rows``: the batch of the UNet call in
+    progress, when known; ``batch``: the attention batch. Two things can multiply rows, each in its
+    own order:
+
+    - a UNet call of ``k·N`` rows holds ``k`` tiles of the whole batch, one tile after another (Tiled
+      Diffusion / MultiDiffusion crop every row of the batch per tile): the mask repeats per tile;
+    - an attention batch of ``j`` × the UNet batch splits each row into ``j`` sub-rows next to each
+      other (hypertile's ``(b nh nw)``): each mask entry repeats ``j`` times.
+
+    Raises ``RuntimeError`` when the sizes do not fit.
+    """
+    n = mask.numel()
+    if unet_rows is not None and unet_rows != n:
+        if unet_rows % n:
+            raise RuntimeError(f"PAG: a UNet call of {unet_rows} rows does not fit the {n} marked rows")
+        mask, n = mask.repeat(unet_rows // n), unet_rows
+    if batch == n:
+        return mask
+    if batch % n == 0:
+        return mask.repeat_interleave(batch // n)
+    raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {n} marked UNet rows")
+
+
 class RowMarks:
-    """Which rows of the UNet call in progress are perturbed."""
+    """Which rows of the host's batch are perturbed, and the batch of the UNet call in progress."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
+        self.unet_rows: int | None = None
 
     @contextmanager
     def marking(self, mask):
@@ -33,16 +60,40 @@ class RowMarks:
         finally:
             self.mask = previous
 
+    @contextmanager
+    def watching(self, unet: torch.nn.Module):
+        """Remember the batch of each call of ``unet`` made inside the block (a pre-forward hook)."""
+        outer = []
+
+        def enter(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("x")
+            outer.append(self.unet_rows)
+            self.unet_rows = int(x.shape[0]) if torch.is_tensor(x) and x.ndim >= 1 else None
+
+        def leave(_module, _args, _kwargs, _out):
+            self.unet_rows = outer.pop() if outer else None
+
+        handles = [unet.register_forward_pre_hook(enter, with_kwargs=True), after_forward(unet, leave, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def rows_for(self, batch: int) -> torch.Tensor | None:
-        """The mask for an attention batch; a UNet batch tiled into sub-rows (hypertile) repeats it."""
+        """The perturbed rows of an attention call of ``batch`` rows (see ``fit_rows``), or None."""
         mask = self.mask
         if mask is None or not bool(mask.any()):
             return None
-        if batch == mask.numel():
-            return mask
-        if batch % mask.numel() == 0:
-            return mask.repeat_interleave(batch // mask.numel())
-        raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {mask.numel()} marked UNet rows")
+        return fit_rows(mask, batch, self.unet_rows)
+
+
+def after_forward(module: torch.nn.Module, hook, **kwargs):
+    """A forward hook that also runs when the forward raises (torch ≥ 2.1; older torch: only after success)."""
+    try:
+        return module.register_forward_hook(hook, always_call=True, **kwargs)
+    except TypeError:
+        return module.register_forward_hook(hook, **kwargs)
 
 
 def transformer_path(attn1_path: str) -> str:
@@ -69,7 +120,7 @@ class TokenGrids:
             for path in dict.fromkeys(transformer_path(p) for p in paths):
                 module = unet.get_submodule(path)
                 handles.append(module.register_forward_pre_hook(self._enter))
-                handles.append(module.register_forward_hook(self._leave, always_call=True))
+                handles.append(after_forward(module, self._leave))
             yield self
         finally:
             for handle in handles:
@@ -108,7 +159,7 @@ class AttentionPatch:
         self.grids = TokenGrids()
         self.patched: list[str] = []
         self._installed: list[tuple[torch.nn.Module, bool, object, object]] = []
-        self._watch = None
+        self._watch = self._watch_rows = None
         self.perturbed_calls = 0  # attn1 calls that perturbed marked rows (0 after a UNet call: the modules never ran)
         self._depth = 0
         self.active = False
@@ -120,6 +171,8 @@ class AttentionPatch:
         if self._depth > 1:
             return self
         try:
+            self._watch_rows = self.marks.watching(self.unet)
+            self._watch_rows.__enter__()
             for layer, strength in self.selection.chosen:
                 module = self.unet.get_submodule(layer.path)
                 had_own = "forward" in module.__dict__
@@ -147,9 +200,10 @@ class AttentionPatch:
 
     def _uninstall(self) -> None:
         self.active = False
-        if self._watch is not None:
-            self._watch.__exit__(None, None, None)
-            self._watch = None
+        for watch in (self._watch, self._watch_rows):
+            if watch is not None:
+                watch.__exit__(None, None, None)
+        self._watch = self._watch_rows = None
         for module, had_own, previous, wrapper in reversed(self._installed):
             if module.__dict__.get("forward") is not wrapper:
                 log.warning("PAG: %s's forward was replaced after PAG patched it; leaving a pass-through wrapper",

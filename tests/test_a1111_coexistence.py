@@ -247,3 +247,70 @@ def test_unet_that_never_calls_attn1_is_refused(sd15_webui, caplog):
     assert "without calling the chosen attn1 modules" in caplog.text
     assert "PAG scale" not in p.extra_generation_params and p.extra_generation_params["PAG note"].startswith("not applied")
     assert torch.equal(pag, plain)
+
+
+# --- Tiled Diffusion / MultiDiffusion (pkuliyi2015/multidiffusion-upscaler-for-automatic1111) ---------
+
+def multidiffusion_forward(original, tile=8, overlap=4, tile_batch=2):
+    """Mirrors ``tile_methods/multidiffusion.py: MultiDiffusion.kdiff_forward`` / ``sample_one_step`` for grid
+    tiles: an instance forward on the k-diffusion wrapper below the CFG denoiser that crops **every row** of
+    the batch per tile, runs tiles ``tile_batch`` at a time **tile-major** (``cat([x[bbox] for bbox])``, sigma
+    and text conds ``repeat``ed per tile) and averages the overlapping tile outputs."""
+
+    def forward(x, sigma, cond):
+        n, _, h, w = x.shape
+        spots = [(y, xx) for y in range(0, h - tile + 1, tile - overlap) for xx in range(0, w - tile + 1, tile - overlap)]
+        total, count = torch.zeros_like(x), torch.zeros((1, 1, h, w), dtype=x.dtype)
+
+        def crop(t, y, xx):
+            return t[:, :, y:y + tile, xx:xx + tile] if t.shape[-2:] == (h, w) else t
+
+        for start in range(0, len(spots), tile_batch):
+            group = spots[start:start + tile_batch]
+            tiles = len(group)
+            out = original(torch.cat([crop(x, y, xx) for y, xx in group]), sigma.repeat(tiles),
+                           cond={"c_crossattn": [c.repeat(tiles, 1, 1) for c in cond["c_crossattn"]],
+                                 "c_concat": [torch.cat([crop(c, y, xx) for y, xx in group]) for c in cond["c_concat"]]})
+            for i, (y, xx) in enumerate(group):
+                total[:, :, y:y + tile, xx:xx + tile] += out[i * n:(i + 1) * n]
+                count[:, :, y:y + tile, xx:xx + tile] += 1
+        return total / count
+
+    return forward
+
+
+@pytest.fixture()
+def tiled_diffusion(sd15_webui, monkeypatch):
+    from modules import sd_samplers
+
+    create = sd_samplers.create_sampler
+    unet_rows = []
+
+    def create_sampler_hijack(name, model):  # upstream hijacks create_sampler in its process hook
+        sampler = create(name, model)
+        inner = sampler.model_wrap_cfg.inner_model
+        inner.forward = multidiffusion_forward(inner.forward)
+        return sampler
+
+    monkeypatch.setattr(sd_samplers, "create_sampler", create_sampler_hijack)
+    handle = sd15_webui.model.diffusion_model.register_forward_pre_hook(lambda m, args: unet_rows.append(args[0].shape[0]))
+    yield unet_rows
+    handle.remove()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_multidiffusion_tiles_keep_the_twins_in_place(tiled_diffusion, batch_size):
+    """Each UNet call holds 2 tiles of the whole [cond, twins, uncond] batch, tile after tile."""
+    def job(values):
+        tiled_diffusion.clear()
+        p = txt2img(values, steps=2, cfg_scale=5.0, batch_size=batch_size, width=128, height=128)
+        return latents(processing.process_images(p)), list(tiled_diffusion)
+
+    pag = {"enabled": True, "scale": 3.0, "layers": "mid,up"}
+    batched, rows = job([pag])
+    separate, _ = job([{**pag, "mode": "separate"}])
+    plain, plain_rows = job([False])
+    assert rows[0] == 2 * 3 * batch_size and plain_rows[0] == 2 * 2 * batch_size  # two tiles per call
+    scale = max(1.0, float(separate.abs().max()))
+    assert float((batched - separate).abs().max()) / scale <= TOL
+    assert float((batched - plain).abs().max()) / scale > 1e-3
