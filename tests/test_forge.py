@@ -409,3 +409,36 @@ def test_memory_reservation_counts_the_twin_rows(host):
     assert sampling_prepare_estimate(host.patcher, x) == without  # the starting patcher is untouched
     p, _ = run(host, PagParams(enabled=True, scale=3.0, layers="mid", mode="separate"))
     assert sampling_prepare_estimate(p.sd_model.forge_objects.unet, x) == without  # separate: B rows at a time
+
+
+def test_multidiffusion_style_wrapper_tiles_keep_the_twins_in_place(host):
+    """Forge's MultiDiffusion holds the UNet function wrapper slot and runs each call as tiles of the whole
+    batch, tile after tile, without re-tiling ``transformer_options``: PAG (chained outside it) perturbs the
+    twin rows of every tile; batched == separate."""
+    tile_rows = []
+
+    def tiled(apply_model, args):  # two "tiles": the latent and its mirror image, tile-major
+        x = args["input"]
+        n = x.shape[0]
+        tile_rows.append(2 * n)
+
+        def two(v):
+            if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n:
+                return torch.cat([v, v.flip(-1) if v.ndim == 4 else v])
+            return v
+
+        c = {k: (v if k == "transformer_options" else two(v)) for k, v in args["c"].items()}
+        out = apply_model(two(x), two(args["timestep"]), **c)
+        return (out[:n] + out[n:].flip(-1)) / 2
+
+    def sample(params):
+        base = host.patcher.clone()
+        base.set_model_unet_function_wrapper(tiled)
+        return run(host, params, batch=2, p=Processing(SdModel(base), [params.to_dict()], host.denoiser, steps=3))[1]
+
+    batched, separate = sample(pag(layers="mid,up")), sample(pag(layers="mid,up", mode="separate"))
+    assert 2 * 6 in tile_rows  # 2 tiles × (2 cond + 2 uncond + 2 twins)
+    plain = sample(PagParams())
+    for (_, got), (_, want), (_, off) in zip(batched, separate, plain):
+        assert rel_err(got, want) <= TOL
+        assert rel_err(off, want) > 1e-3
