@@ -27,14 +27,14 @@ import torch
 from .errors import PagError
 from .fork import forking
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
+from .job import NEVER_CALLED, announce_refusal, read_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
-from .params import PagParams, field_names
+from .params import PagParams
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
 from .rows import perturbed_mask, row_offset, rows_of, twin_cond, twin_rows
 
 log = logging.getLogger("sd_webui_pag")
-INFOTEXT_PREFIX = "PAG "
 
 
 # --- jobs ------------------------------------------------------------------------------------------
@@ -149,81 +149,7 @@ class JobRegistry:
 JOBS = JobRegistry()
 
 
-NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
-
-
-def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
-    """Why PAG does not run, in the log and in the generation's comments.
-
-    A refusal of the model or the setup (not of a bad setting, which the user sees as an error) also
-    replaces the PAG infotext by a ``PAG note``, so the image does not claim a PAG it did not get.
-    """
-    log.log(level, "PAG refused: %s", reason)
-    comment(p, f"PAG not applied: {reason}")
-    if level < logging.ERROR:
-        write_note(p, f"not applied: {reason}")
-
-
-def write_note(p, text: str) -> None:
-    """Drop this job's PAG settings from the infotext and say why in ``PAG note``."""
-    extra = getattr(p, "extra_generation_params", None)
-    if isinstance(extra, dict):
-        for key in [k for k in extra if isinstance(k, str) and k.startswith(INFOTEXT_PREFIX)]:
-            del extra[key]
-        extra[NOTE_KEY] = text
-
-
-def comment(p, text: str) -> None:
-    if p is not None and hasattr(p, "comment"):
-        try:
-            p.comment(text)
-        except Exception:  # a comment must never break a generation
-            pass
-
-
 # --- script-hook side ------------------------------------------------------------------------------
-
-def params_from_script_args(args, p=None) -> PagParams:
-    """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts)."""
-    if len(args) >= 1 and isinstance(args[0], dict):
-        params = PagParams.from_dict(args[0])
-    else:
-        from .ui import ui_args_to_params
-
-        params = ui_args_to_params(args)
-    overrides = {}
-    for name in field_names():
-        value = getattr(p, f"pag_{name}", None) if p is not None else None
-        if value is not None:
-            overrides[name] = value
-    if overrides:
-        params = params.with_overrides(**overrides)
-    return params
-
-
-def write_infotext(p, params: PagParams) -> None:
-    extra = p.extra_generation_params
-    for key in [k for k in extra if isinstance(k, str) and k.startswith(INFOTEXT_PREFIX)]:
-        del extra[key]
-    extra.update(params.to_infotext())
-
-
-def read_params(p, args) -> tuple[PagParams | None, str | None]:
-    """The job's settings with their infotext written; or None and the error, already reported."""
-    try:
-        params = params_from_script_args(args, p)
-    except PagError as err:
-        log.error("%s", err)
-        comment(p, str(err))
-        write_infotext(p, PagParams())
-        return None, str(err)
-    write_infotext(p, params)
-    return params, None
-
-
-NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet engine such as TensorRT, or an "
-                "extension that replaced them): there is no self-attention for PAG to perturb")
-
 
 def alternative_unet_refusal() -> str | None:
     """A1111's ``sd_unet.current_unet`` (TensorRT and other engines) runs no PyTorch attention modules."""
@@ -615,6 +541,6 @@ def register_callbacks() -> None:
 
 
 __all__ = [
-    "JOBS", "Job", "JobRegistry", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "params_from_script_args",
-    "refusal_for_model", "register_callbacks", "start_batch", "start_job", "write_infotext",
+    "JOBS", "Job", "JobRegistry", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "refusal_for_model",
+    "register_callbacks", "start_batch", "start_job",
 ]

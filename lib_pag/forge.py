@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from .a1111 import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext
+from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers

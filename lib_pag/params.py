@@ -18,6 +18,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 HIRES_MODES = ("same", "own", "off")
 EXEC_MODES = ("batched", "separate")
 MAX_SCALE = 100.0
+UI_INFINITY = 1e6  # gradio cannot carry inf through JSON; this blur sigma is a mean query to 1e-9
 
 
 def _meta(label, kind, lo=None, hi=None, choices=None, infinite_ok=False, written="changed"):
@@ -120,6 +121,15 @@ PRESETS = {
 
 ALIASES = {"pag_scale": "scale", "pag_applied_layers": "layers", "applied_layers": "layers", "active": "enabled"}
 _FIELDS = {f.name: f for f in fields(PagParams)}
+
+
+def params_from_positional(args) -> PagParams:
+    """Positional UI/API values in field order; the UI's stand-in for an infinite blur sigma becomes inf."""
+    values = list(args)
+    index = field_names().index("blur_sigma")
+    if len(values) > index and isinstance(values[index], (int, float)) and values[index] >= UI_INFINITY:
+        values[index] = math.inf
+    return PagParams.from_values(*values)
 
 
 def field_names() -> list[str]:

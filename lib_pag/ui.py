@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from .errors import PagError
 from .layers import PARTS, build_catalog, parse_layer_spec, resolve_layers
 from .maps import example_catalog, layer_map_svg, schedule_svg
-from .params import EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, PagParams, field_names, format_value, label_of
+from .params import (
+    EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, UI_INFINITY, PagParams, field_names, format_value, label_of,
+)
 
 log = logging.getLogger("sd_webui_pag")
-UI_INFINITY = 1e6  # gradio cannot carry inf through JSON; this blur sigma is a mean query to 1e-9
 
 
 def validation_message(layers: str, unet=None) -> str:
@@ -186,13 +187,4 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
     return ordered, infotext_fields, paste_field_names
 
 
-def ui_args_to_params(args) -> PagParams:
-    """UI values back to params (the UI's stand-in for infinity becomes inf again)."""
-    values = list(args)
-    index = field_names().index("blur_sigma")
-    if len(values) > index and isinstance(values[index], (int, float)) and values[index] >= UI_INFINITY:
-        values[index] = math.inf
-    return PagParams.from_values(*values)
-
-
-__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups", "ui_args_to_params"]
+__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups"]

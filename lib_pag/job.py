@@ -1,0 +1,87 @@
+"""Host-neutral job pieces both adapters (A1111, Forge/reForge) use: reading a job's settings, the
+infotext, and how a refusal reaches the user (log, the generation's comments, a ``PAG note``)."""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import PagError
+from .params import PagParams, field_names, params_from_positional
+
+log = logging.getLogger("sd_webui_pag")
+INFOTEXT_PREFIX = "PAG "
+NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet engine such as TensorRT, or an "
+                "extension that replaced them): there is no self-attention for PAG to perturb")
+NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
+
+
+def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
+    """Why PAG does not run, in the log and in the generation's comments.
+
+    A refusal of the model or the setup (not of a bad setting, which the user sees as an error) also
+    replaces the PAG infotext by a ``PAG note``, so the image does not claim a PAG it did not get.
+    """
+    log.log(level, "PAG refused: %s", reason)
+    comment(p, f"PAG not applied: {reason}")
+    if level < logging.ERROR:
+        write_note(p, f"not applied: {reason}")
+
+
+def write_note(p, text: str) -> None:
+    """Drop this job's PAG settings from the infotext and say why in ``PAG note``."""
+    extra = getattr(p, "extra_generation_params", None)
+    if isinstance(extra, dict):
+        _drop_pag_keys(extra)
+        extra[NOTE_KEY] = text
+
+
+def _drop_pag_keys(extra: dict) -> None:
+    for key in [k for k in extra if isinstance(k, str) and k.startswith(INFOTEXT_PREFIX)]:
+        del extra[key]
+
+
+def comment(p, text: str) -> None:
+    if p is not None and hasattr(p, "comment"):
+        try:
+            p.comment(text)
+        except Exception:  # a comment must never break a generation
+            pass
+
+
+def params_from_script_args(args, p=None) -> PagParams:
+    """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts)."""
+    if len(args) >= 1 and isinstance(args[0], dict):
+        params = PagParams.from_dict(args[0])
+    else:
+        params = params_from_positional(args)
+    overrides = {}
+    for name in field_names():
+        value = getattr(p, f"pag_{name}", None) if p is not None else None
+        if value is not None:
+            overrides[name] = value
+    if overrides:
+        params = params.with_overrides(**overrides)
+    return params
+
+
+def write_infotext(p, params: PagParams) -> None:
+    extra = p.extra_generation_params
+    _drop_pag_keys(extra)
+    extra.update(params.to_infotext())
+
+
+def read_params(p, args) -> tuple[PagParams | None, str | None]:
+    """The job's settings with their infotext written; or None and the error, already reported."""
+    try:
+        params = params_from_script_args(args, p)
+    except PagError as err:
+        log.error("%s", err)
+        comment(p, str(err))
+        write_infotext(p, PagParams())
+        return None, str(err)
+    write_infotext(p, params)
+    return params, None
+
+
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "comment", "params_from_script_args",
+           "read_params", "write_infotext", "write_note"]
