@@ -29,7 +29,8 @@ SYNTAX_HELP = (
     "groups down, mid, up, all; names d<i>, m0, u<i> with optional .<j> transformer index and ranges "
     "(d1-d3, m0.2-9); module paths (middle_block.1); each optionally followed by :strength in (0, 1]"
 )
-_FINE = re.compile(r"^([dmu])(\d+)(?:-([dmu])?(\d+))?(?:\.(\d+)(?:-(\d+))?)?$")
+_FINE = re.compile(r"^([dmu])(\d+)(?:-([dmu])?(\d+))?(?:\.(\d+)(?:-(\d+))?)?$", re.ASCII)
+_STRENGTH = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$", re.ASCII | re.IGNORECASE)
 _PATH_ROOTS = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -165,18 +166,19 @@ def parse_layer_spec(spec) -> tuple[LayerSelector, ...]:
 
 
 def normalize_layer_spec(spec) -> str:
-    """The canonical text form of a valid spec (entries joined by ``,``), for infotext and params."""
-    return ",".join(s.text for s in parse_layer_spec(spec))
+    """The canonical text form of a valid spec, for infotext and params: entries joined by ``,``, an entry
+    repeated later dropped where it stood first (the later one applies again anyway: same meaning)."""
+    texts = [s.text for s in parse_layer_spec(spec)]
+    return ",".join(t for i, t in enumerate(texts) if t not in texts[i + 1:])
 
 
 def _parse_entry(text: str) -> LayerSelector:
-    target, _, strength_text = text.partition(":")
+    target, colon, strength_text = text.partition(":")
     strength = 1.0
-    if strength_text:
-        try:
-            strength = float(strength_text)
-        except ValueError:
-            strength = math.nan
+    if colon:
+        if not strength_text:
+            raise PagError(FIELD, text, "a strength in (0, 1] after ':', e.g. u0:0.5", "has an empty strength")
+        strength = float(strength_text) if _STRENGTH.match(strength_text) else math.nan  # ASCII digits only
         if not (0.0 < strength <= 1.0):
             raise PagError(FIELD, text, "a strength in (0, 1] after ':', e.g. u0:0.5", "has a bad strength")
     key = target.lower()
@@ -223,7 +225,8 @@ def resolve_layers(spec, catalog: LayerCatalog) -> LayerSelection:
 
 def _missing(selector: LayerSelector, catalog: LayerCatalog, detail: str = "") -> PagError:
     valid = catalog.summary() or "none (this model has no self-attention blocks)"
-    return PagError(FIELD, selector.text, valid, f"does not exist in this {catalog.arch} UNet{detail}", "valid")
+    family = "" if catalog.arch == "UNet" else f"{catalog.arch} "  # an unknown family is not named
+    return PagError(FIELD, selector.text, valid, f"does not exist in this {family}UNet{detail}", "valid")
 
 
 def _match(selector: LayerSelector, catalog: LayerCatalog) -> list[AttnLayer]:

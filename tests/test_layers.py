@@ -157,3 +157,43 @@ def test_normalized_spec_is_stable():
     assert normalize_layer_spec(["Mid", "UP"]) == "mid,up"
     assert normalize_layer_spec("m0.2-9:0.50 ; u0") == "m0.2-9:0.5,u0"
     assert normalize_layer_spec(normalize_layer_spec("d1-d3, mid")) == "d1-d3,mid"
+
+
+def test_unknown_family_is_not_named_twice():
+    """A UNet of no known family (1 res block per level, as a tiny test checkpoint): "this UNet", not "UNet UNet"."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+                     num_res_blocks=1, channel_mult=[1, 2, 4, 4], num_heads=4, use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=32, legacy=False)
+    catalog = build_catalog(unet)
+    assert catalog.arch == "UNet"
+    with pytest.raises(PagError) as info:
+        resolve_layers("u42", catalog)
+    assert str(info.value) == "PAG layers: 'u42' does not exist in this UNet; valid: d0-d2, m0, u0-u5"
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ("u0:", "has an empty strength"),
+    ("mid,u0:", "has an empty strength"),
+    ("u\u0663", "is not a layer name"),  # Arabic-Indic digit three
+    ("u0:\u0660.5", "has a bad strength"),
+    ("u0:0.5\u0665", "has a bad strength"),
+    ("u\uff10", "is not a layer name"),  # fullwidth zero
+    ("u0:1_0", "has a bad strength"),
+])
+def test_layer_syntax_takes_ascii_digits_and_a_strength_after_every_colon(spec, problem):
+    with pytest.raises(PagError, match=problem):
+        parse_layer_spec(spec)
+
+
+@pytest.mark.parametrize("spec,canonical", [
+    ("mid,mid", "mid"),
+    ("mid, up ,mid", "up,mid"),
+    ("MID,m0:0.5,mid", "m0:0.5,mid"),
+    ("u0:0.50,u0:.5", "u0:0.5"),
+    ("u0:1e-1", "u0:0.1"),
+])
+def test_canonical_layer_text_merges_repeats_without_changing_the_meaning(sd15, spec, canonical):
+    assert normalize_layer_spec(spec) == canonical
+    assert resolve_layers(spec, sd15).chosen == resolve_layers(canonical, sd15).chosen
