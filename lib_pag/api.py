@@ -19,20 +19,63 @@ log = logging.getLogger("sd_webui_pag")
 ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
+class JsonObject(dict):
+    """A JSON object as parsed for the check: ``repeated`` holds ``(key, first value, later value)`` for each key
+    the request gave twice with different values (the host's parser silently keeps the last)."""
+
+    repeated: list
+
+
+def _json_object(pairs) -> JsonObject:
+    obj = JsonObject()
+    obj.repeated = []
+    for key, value in pairs:
+        if key in obj and obj[key] != value:
+            obj.repeated.append((key, obj[key], value))
+        obj[key] = value
+    return obj
+
+
+def _no_repeats(obj, where: str) -> None:
+    for key, first, later in getattr(obj, "repeated", ()):
+        raise PagError("PAG args", {key: [first, later]}, f"each key once in {where}",
+                       f"gives {key!r} twice in one JSON object, with different values")
+
+
 def pag_args_of(body: dict, title: str):
-    """The ``args`` a request gives this script (matched by title, case-insensitive), or None."""
+    """The ``args`` a request gives this script (matched by title, case-insensitive), or None.
+
+    The host applies every matching title and the last one wins; two of them with different args, or a
+    key repeated with different values in the JSON, are an error naming both.
+    """
     scripts = body.get("alwayson_scripts") if isinstance(body, dict) else None
     if not isinstance(scripts, dict):
         return None
+    found = None
     for name, entry in scripts.items():
-        if isinstance(name, str) and name.lower() == title.lower():
-            if not isinstance(entry, dict):
-                raise PagError("PAG args", entry, 'an object like {"args": [...]}', "has the wrong type")
-            args = entry.get("args", [])
-            if not isinstance(args, list):
-                raise PagError("PAG args", args, "a list: positional values, or one object with named settings", "has the wrong type")
-            return args
-    return None
+        if not (isinstance(name, str) and name.lower() == title.lower()):
+            continue
+        if not isinstance(entry, dict):
+            raise PagError("PAG args", entry, 'an object like {"args": [...]}', "has the wrong type")
+        _no_repeats(entry, f"alwayson_scripts[{name!r}]")
+        args = entry.get("args", [])
+        if not isinstance(args, list):
+            raise PagError("PAG args", args, "a list: positional values, or one object with named settings", "has the wrong type")
+        for value in args:
+            _no_repeats(value, "the PAG args")
+        if found is not None and found[1] != args:
+            raise PagError("PAG args", {found[0]: found[1], name: args}, "the script once in alwayson_scripts",
+                           f"is given twice, as {found[0]!r} and {name!r}, with different args")
+        found = (name, args)
+    _no_repeats_of_title(scripts, title)
+    return None if found is None else found[1]
+
+
+def _no_repeats_of_title(scripts, title) -> None:
+    for key, first, later in getattr(scripts, "repeated", ()):
+        if isinstance(key, str) and key.lower() == title.lower():
+            raise PagError("PAG args", {key: [first, later]}, "the script once in alwayson_scripts",
+                           f"is given twice as {key!r} in one JSON object, with different args")
 
 
 def validate_request_args(args: list, unet=None) -> PagParams:
@@ -49,6 +92,7 @@ def validate_request_args(args: list, unet=None) -> PagParams:
 
 
 def error_body(err: PagError) -> dict:
+    """The 422 body: ``error``, ``detail`` (the message), ``field``, ``value`` (shortened), ``allowed``."""
     return {"error": "PagError", "detail": str(err), **err.as_dict()}
 
 
@@ -90,7 +134,7 @@ def _validating(inner, title, current_unet):
 
 def _check(raw: bytes, title, current_unet) -> PagError | None:
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}", object_pairs_hook=_json_object)
     except ValueError:
         return None  # not ours to judge; FastAPI answers malformed JSON itself
     try:

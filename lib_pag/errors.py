@@ -1,5 +1,9 @@
 """The one error type every bad PAG input is reported with."""
 
+import json
+
+MAX_VALUE_TEXT = 120  # a rejected value longer than this is shortened in messages and API bodies
+
 
 class PagError(ValueError):
     """A rejected PAG setting.
@@ -14,10 +18,22 @@ class PagError(ValueError):
         self.value = value
         self.allowed = allowed
         self.problem = problem
-        super().__init__(f"{field}: {value!r} {problem}; {allowed_label}: {allowed}")
+        super().__init__(f"{field}: {short_repr(value)} {problem}; {allowed_label}: {allowed}")
 
     def as_dict(self) -> dict:
-        return {"field": self.field, "value": _jsonable(self.value), "allowed": self.allowed, "message": str(self)}
+        """``field``, ``value`` (shortened when long) and ``allowed``, JSON-able; the message is ``str(self)``."""
+        value = _jsonable(self.value)
+        if len(json.dumps(value)) > MAX_VALUE_TEXT:
+            value = short_repr(self.value)
+        return {"field": self.field, "value": value, "allowed": self.allowed}
+
+
+def short_repr(value) -> str:
+    """``repr(value)``, cut to about ``MAX_VALUE_TEXT`` characters with the full length said."""
+    text = repr(value)
+    if len(text) <= MAX_VALUE_TEXT:
+        return text
+    return f"{text[:MAX_VALUE_TEXT - 20]}… ({len(text)} characters)"
 
 
 def _jsonable(value):

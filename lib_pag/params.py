@@ -73,11 +73,16 @@ class PagParams:
         """
         if not isinstance(data, dict):
             raise PagError("PAG args", data, "an object with keys " + ", ".join(field_names()), "has the wrong type")
-        values = {}
+        values, spelled = {}, {}
         for key, value in data.items():
             name = canonical_key(key)
             f = _FIELDS[name]
-            values[name] = _check(f, value, strings_ok=strings_ok)
+            checked = _check(f, value, strings_ok=strings_ok)
+            if name in values and values[name] != checked:
+                first = spelled[name]
+                raise PagError("PAG args", {first: data[first], key: value}, "one key per setting (or equal values)",
+                               f"gives {f.metadata['label']} twice, as {first!r} and {key!r}")
+            values[name], spelled[name] = checked, key
         return dataclasses.replace(base or cls(), **values)
 
     @classmethod

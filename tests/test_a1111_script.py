@@ -429,3 +429,41 @@ def test_ddim_cfgpp_scales_pag_like_cfg(webui, caplog):
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PAG step")]
     assert steps and all("scale 0.24," in m for m in steps)
     assert torch.isfinite(latents(processed)).all()
+
+
+def raw_request(client, alwayson: str):
+    """A request whose ``alwayson_scripts`` is given as raw JSON text (repeated keys survive)."""
+    payload = json.dumps({"prompt": "a cat", "negative_prompt": "blurry", "steps": 2, "width": 64, "height": 64,
+                          "sampler_name": "Euler", "seed": 3, "cfg_scale": 5})
+    body = payload[:-1] + ', "alwayson_scripts": ' + alwayson + "}"
+    return client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("alwayson, both", [
+    ('{"pag": {"args": [{"enabled": true, "scale": 2, "pag_scale": 7, "PAG scale": 4}]}}', ("'scale'", "'pag_scale'")),
+    ('{"pag": {"args": [{"enabled": true, "scale": 3}]}, "PAG": {"args": [{"enabled": true, "scale": -5}]}}', ("'pag'", "'PAG'")),
+    ('{"pag": {"args": [{"enabled": true, "scale": 3}]}, "pag": {"args": [{"enabled": true, "scale": 9}]}}', ("'pag'",)),
+    ('{"pag": {"args": [{"enabled": true, "scale": 3, "scale": 4}]}}', ("'scale'",)),
+    ('{"pag": {"args": [true], "args": [false]}}', ("'args'",)),
+])
+def test_conflicting_duplicates_are_an_error_naming_both(client, webui, alwayson, both):
+    r = raw_request(client, alwayson)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == "PAG args" and all(name in body["detail"] for name in both), body["detail"]
+
+
+def test_equal_duplicates_are_fine(client):
+    r = raw_request(client, '{"pag": {"args": [{"enabled": true, "scale": 3, "PAG scale": 3}]}, "PAG": {"args": '
+                            '[{"enabled": true, "scale": 3, "PAG scale": 3}]}}')
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["extra_generation_params"]["PAG scale"] == "3"
+
+
+def test_error_body_is_bounded(client):
+    r = request(client, [{"enabled": True, "layers": "u9" * 100_000}])
+    assert r.status_code == 422
+    assert len(r.content) < 2_000, len(r.content)
+    body = r.json()
+    assert body["field"] == "PAG layers" and "(200002 characters)" in body["detail"]
+    assert "message" not in body
