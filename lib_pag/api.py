@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from .errors import PagError
 from .layers import build_catalog, resolve_layers
-from .params import PagParams
+from .params import PagParams, field_names, label_of, params_from_positional
 
 log = logging.getLogger("sd_webui_pag")
 ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
@@ -85,7 +87,7 @@ def validate_request_args(args: list, unet=None) -> PagParams:
             raise PagError("PAG args", args, "one object with named settings, or positional values", "mixes both forms")
         params = PagParams.from_dict(args[0])
     else:
-        params = PagParams.from_values(*args)
+        params = params_from_positional(args)
     if params.enabled and unet is not None:
         resolve_layers(params.layers, build_catalog(unet))
     return params
@@ -96,19 +98,34 @@ def error_body(err: PagError) -> dict:
     return {"error": "PagError", "detail": str(err), **err.as_dict()}
 
 
-def install(app, title: str = "PAG", current_unet=lambda: None) -> int:
+@dataclass(frozen=True)
+class HostLookups:
+    """What the check asks the host (all optional; each may raise, then the check goes without it).
+
+    ``current_unet()``: the loaded UNet (layers are checked against it); ``parse_infotext(text)``: the
+    host's ``parse_generation_parameters``; ``is_loaded_checkpoint(name)``: whether an
+    ``override_settings.sd_model_checkpoint`` names the model already loaded.
+    """
+
+    current_unet: Callable = lambda: None
+    parse_infotext: Callable | None = None
+    is_loaded_checkpoint: Callable = lambda name: False
+
+
+def install(app, title: str = "PAG", current_unet=lambda: None, *, host: HostLookups | None = None) -> int:
     """Wrap the generation routes of ``app``; returns how many were wrapped (idempotent)."""
+    host = host or HostLookups(current_unet=current_unet)
     wrapped = 0
     for route in getattr(app, "routes", []):
         if getattr(route, "path", None) not in ROUTES or getattr(route, "__pag_wrapped__", False):
             continue
-        route.app = _validating(route.app, title, current_unet)
+        route.app = _validating(route.app, title, host)
         route.__pag_wrapped__ = True
         wrapped += 1
     return wrapped
 
 
-def _validating(inner, title, current_unet):
+def _validating(inner, title, host):
     async def app(scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return await inner(scope, receive, send)
@@ -119,7 +136,7 @@ def _validating(inner, title, current_unet):
                 return await inner(scope, _replay([message], receive), send)
             chunks.append(message)
             more = message.get("more_body", False)
-        error = _check(b"".join(m.get("body", b"") for m in chunks), title, current_unet)
+        error = _check(b"".join(m.get("body", b"") for m in chunks), title, host)
         if error is not None:
             payload = json.dumps(error_body(error)).encode()
             log.error("API request rejected: %s", error)
@@ -132,29 +149,82 @@ def _validating(inner, title, current_unet):
     return app
 
 
-def _check(raw: bytes, title, current_unet) -> PagError | None:
+def _check(raw: bytes, title, host: HostLookups) -> PagError | None:
     try:
         body = json.loads(raw or b"{}", object_pairs_hook=_json_object)
     except ValueError:
         return None  # not ours to judge; FastAPI answers malformed JSON itself
+    if not isinstance(body, dict):
+        return None
     try:
         args = pag_args_of(body, title)
-        if args is not None:
-            validate_request_args(args, None if switches_checkpoint(body) else _loaded(current_unet))
+        from_infotext = infotext_values(body.get("infotext"), host.parse_infotext)
+        if args is None and not from_infotext:
+            return None
+        params = request_params(args or [], from_infotext)
+        if params.enabled and not switches_checkpoint(body, host.is_loaded_checkpoint):
+            unet = _ask(host.current_unet)
+            if unet is not None:
+                resolve_layers(params.layers, build_catalog(unet))
     except PagError as err:
         return err
     return None
 
 
-def switches_checkpoint(body: dict) -> bool:
+def infotext_values(infotext, parse) -> dict:
+    """The PAG settings an API request's ``infotext`` field gives, converted the way the host's
+    ``Api.apply_infotext`` converts them for the script's controls (``type(control.value)(text)``: a
+    checkbox gets ``bool(text)``, a number ``float(text)``). ``{}`` without PAG keys or a parser."""
+    if not isinstance(infotext, str) or not infotext.strip() or parse is None:
+        return {}
+    try:
+        parsed = parse(infotext)
+    except Exception:  # the host's own parser failing is the host's to report
+        return {}
+    defaults = PagParams()
+    values = {}
+    for name in field_names():
+        text = parsed.get(label_of(name)) if isinstance(parsed, dict) else None
+        if text is None:
+            continue
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            values[name] = bool(text)
+        elif isinstance(default, float):
+            try:
+                values[name] = float(text)
+            except (TypeError, ValueError):
+                raise PagError(label_of(name), text, "a number (in the request's infotext)", "is not a number") from None
+        else:
+            values[name] = text
+    return values
+
+
+def request_params(args: list, from_infotext: dict) -> PagParams:
+    """The settings the job will get: the host fills the script's args with the defaults, then the
+    infotext values, then the ``alwayson_scripts`` args over the positions they give; the named form
+    (one object) is read on its own."""
+    if args and isinstance(args[0], dict):
+        return validate_request_args(args)
+    if not from_infotext:
+        return validate_request_args(args)
+    values = [from_infotext.get(name, getattr(PagParams(), name)) for name in field_names()]
+    values[:len(args)] = args
+    return params_from_positional(values)
+
+
+def switches_checkpoint(body: dict, is_loaded=lambda name: False) -> bool:
     """A request that loads another checkpoint first: its layers can only be checked by the job itself."""
     overrides = body.get("override_settings")
-    return isinstance(overrides, dict) and bool(overrides.get("sd_model_checkpoint"))
+    name = overrides.get("sd_model_checkpoint") if isinstance(overrides, dict) else None
+    if not name:
+        return False
+    return not bool(_ask(lambda: is_loaded(name)))
 
 
-def _loaded(current_unet):
+def _ask(question):
     try:
-        return current_unet()
+        return question()
     except Exception:
         return None
 

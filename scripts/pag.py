@@ -52,8 +52,23 @@ class PagScript(scripts.Script):
         forge.end(p)
 
 
+def _parse_infotext(text):
+    try:
+        from modules import infotext_utils
+    except ImportError:  # A1111 < 1.8
+        from modules import generation_parameters_copypaste as infotext_utils
+    return infotext_utils.parse_generation_parameters(text)
+
+
+def _is_loaded_checkpoint(name):
+    info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+    names = {getattr(info, key, None) for key in ("title", "name", "name_for_extra", "model_name", "short_title",
+                                                    "hash", "sha256", "shorthash", "filename")}
+    return info is not None and name in names - {None, ""}
+
+
 def _on_app_started(_demo, app):
-    api.install(app, TITLE, _current_unet)
+    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint))
 
 
 a1111.register_callbacks()

@@ -467,3 +467,33 @@ def test_error_body_is_bounded(client):
     body = r.json()
     assert body["field"] == "PAG layers" and "(200002 characters)" in body["detail"]
     assert "message" not in body
+
+
+@pytest.mark.parametrize("args, infotext, field, words", [
+    (None, "a cat\nSteps: 2, Sampler: Euler, PAG enabled: True, PAG scale: 500, PAG layers: mid", "PAG scale", "out of range"),
+    ([True], "a cat\nSteps: 2, Sampler: Euler, PAG end: 0", "PAG start", "not before the end"),
+    (None, "a cat\nSteps: 2, Sampler: Euler, PAG enabled: True, PAG layers: u42", "PAG layers", "does not exist"),
+    (None, "a cat\nSteps: 2, Sampler: Euler, PAG enabled: True, PAG scale: lots", "PAG scale", "is not a number"),
+])
+def test_api_infotext_field_is_checked_like_the_args(client, webui, args, infotext, field, words):
+    """The host turns the request's ``infotext`` into script args after the ``alwayson_scripts`` check would
+    have looked: the check reads it the same way (positions the args give win, as in the host)."""
+    before = snapshot(webui[0])
+    r = request(client, args, infotext=infotext)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and words in r.json()["detail"]
+    assert_same_snapshot(before, snapshot(webui[0]))
+
+
+def test_api_infotext_values_under_given_args_are_not_judged(client):
+    """Positions the args give replace the infotext's: a bad infotext scale under a good args scale runs."""
+    r = request(client, [True, 3.0], infotext="a cat\nSteps: 2, Sampler: Euler, PAG scale: 500")
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["extra_generation_params"]["PAG scale"] == "3"
+
+
+def test_api_checks_layers_when_the_named_checkpoint_is_the_loaded_one(client, webui):
+    title = webui[0].sd_checkpoint_info.title
+    r = request(client, [{"enabled": True, "layers": "u42"}], override_settings={"sd_model_checkpoint": title})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "PAG layers"

@@ -26,7 +26,7 @@ def test_api_checks_layers_against_the_model_the_request_will_use():
     body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sd_xl_base_1.0"},
             "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "m0.5"}]}}}
     import json
-    err = api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet)
+    err = api._check(json.dumps(body).encode(), "PAG", api.HostLookups(current_unet=lambda: sd15_unet))
     print(err)
     assert err is None
 
@@ -46,11 +46,11 @@ def test_api_without_a_checkpoint_switch_still_checks_the_loaded_model():
 
     sd15_unet = sd_models_double.make_sd15_model(seed=1).model.diffusion_model
     body = {"prompt": "x", "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "m0.5"}]}}}
-    err = api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet)
+    err = api._check(json.dumps(body).encode(), "PAG", api.HostLookups(current_unet=lambda: sd15_unet))
     assert err is not None and err.field == "PAG layers"
     body["alwayson_scripts"]["pag"]["args"][0]["layers"] = "m0.x"  # syntax is checked either way
     body["override_settings"] = {"sd_model_checkpoint": "sd_xl_base_1.0"}
-    assert api._check(json.dumps(body).encode(), "PAG", lambda: sd15_unet).field == "PAG layers"
+    assert api._check(json.dumps(body).encode(), "PAG", api.HostLookups(current_unet=lambda: sd15_unet)).field == "PAG layers"
 
 
 def test_opening_the_accordion_redraws_the_map_for_the_loaded_model():
