@@ -104,12 +104,16 @@ class HostLookups:
 
     ``current_unet()``: the loaded UNet (layers are checked against it); ``parse_infotext(text)``: the
     host's ``parse_generation_parameters``; ``is_loaded_checkpoint(name)``: whether an
-    ``override_settings.sd_model_checkpoint`` names the model already loaded.
+    ``override_settings.sd_model_checkpoint`` names the model already loaded; ``authorized(headers)``:
+    whether the host's API authentication accepts the request (lower-case header names → values) — a
+    request it rejects is passed through unjudged, so the client gets the host's own 401 and nothing
+    about PAG or the model.
     """
 
     current_unet: Callable = lambda: None
     parse_infotext: Callable | None = None
     is_loaded_checkpoint: Callable = lambda name: False
+    authorized: Callable = lambda headers: True  # the host's own API auth (--api-auth) would let it in
 
 
 def install(app, title: str = "PAG", current_unet=lambda: None, *, host: HostLookups | None = None) -> int:
@@ -129,6 +133,9 @@ def _validating(inner, title, host):
     async def app(scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return await inner(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not _ask(lambda: host.authorized(headers)):
+            return await inner(scope, receive, send)  # the host answers (401); no PAG judgement
         chunks, more = [], True
         while more:
             message = await receive()

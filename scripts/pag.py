@@ -1,5 +1,7 @@
 """sd-webui-pag: Perturbed-Attention Guidance for A1111 1.7–1.10, Forge and reForge; thin host glue over ``lib_pag``."""
 
+import base64
+import hmac
 
 import gradio as gr
 
@@ -67,8 +69,24 @@ def _is_loaded_checkpoint(name):
     return info is not None and name in names - {None, ""}
 
 
+def _authorized(headers):
+    """What the host's ``Api.auth`` decides for ``--api-auth`` (HTTP basic, ``user:password,...``)."""
+    api_auth = getattr(shared.cmd_opts, "api_auth", None)
+    if not api_auth:
+        return True
+    kind, _, token = headers.get("authorization", "").partition(" ")
+    if kind.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(token).decode("utf-8").partition(":")
+    except ValueError:
+        return False
+    credentials = dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item)
+    return user in credentials and hmac.compare_digest(password, credentials[user])
+
+
 def _on_app_started(_demo, app):
-    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint))
+    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized))
 
 
 a1111.register_callbacks()

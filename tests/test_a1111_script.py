@@ -497,3 +497,22 @@ def test_api_checks_layers_when_the_named_checkpoint_is_the_loaded_one(client, w
     r = request(client, [{"enabled": True, "layers": "u42"}], override_settings={"sd_model_checkpoint": title})
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "PAG layers"
+
+
+def test_api_auth_comes_first(webui, monkeypatch):
+    """With ``--api-auth`` a client without valid credentials gets the host's own 401, never a PAG judgement."""
+    from fastapi.testclient import TestClient
+    from modules import shared
+    from modules.api.api import create_app
+
+    monkeypatch.setattr(shared.cmd_opts, "api_auth", "ann:secret,bob:hunter2")
+    app, _ = create_app()
+    auth_client = TestClient(app)
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+            "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "u42"}]}}}
+    for auth in (None, ("ann", "wrong"), ("eve", "secret")):
+        r = auth_client.post("/sdapi/v1/txt2img", json=body, auth=auth)
+        assert r.status_code == 401, r.text
+        assert "PAG" not in r.text and "u0-u8" not in r.text
+    r = auth_client.post("/sdapi/v1/txt2img", json=body, auth=("bob", "hunter2"))
+    assert r.status_code == 422 and r.json()["field"] == "PAG layers"

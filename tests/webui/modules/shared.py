@@ -252,7 +252,7 @@ cmd_opts = types.SimpleNamespace(
     disable_nan_check=False, disable_console_progressbars=True, api=False, nowebui=False,
     listen=False, share=False, ui_debug_mode=False, disable_extra_extensions=False,
     disable_all_extensions=False, skip_version_check=True, no_hashing=True,
-    data_dir=".", ckpt_dir=None, hypernetwork_dir="models/hypernetworks",
+    data_dir=".", ckpt_dir=None, hypernetwork_dir="models/hypernetworks", api_auth=None,
 )
 """Mirrors ``shared.cmd_opts`` (the parsed command line): the flags extensions look at."""
 

@@ -19,7 +19,10 @@ from threading import Lock
 
 import gradio as gr
 import torch
-from fastapi import FastAPI, Request
+from secrets import compare_digest
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse
@@ -100,6 +103,12 @@ class Api:
 
     def __init__(self, app: FastAPI, queue_lock: Lock):
         """Mirrors ``modules/api/api.py: Api.__init__``."""
+        if _shared().cmd_opts.api_auth:
+            self.credentials = {}
+            for auth in _shared().cmd_opts.api_auth.split(","):
+                user, password = auth.split(":")
+                self.credentials[user] = password
+
         self.app = app
         self.queue_lock = queue_lock
         api_middleware(self.app)
@@ -123,8 +132,17 @@ class Api:
             self.default_script_arg_img2img = self.init_default_script_args(scripts.scripts_img2img)
 
     def add_api_route(self, path: str, endpoint, **kwargs):
-        """Mirrors ``Api.add_api_route`` (no ``--api-auth`` in the double)."""
+        """Mirrors ``Api.add_api_route``: with ``--api-auth`` every route depends on ``auth``."""
+        if _shared().cmd_opts.api_auth:
+            return self.app.add_api_route(path, endpoint, dependencies=[Depends(self.auth)], **kwargs)
         return self.app.add_api_route(path, endpoint, **kwargs)
+
+    def auth(self, credentials: HTTPBasicCredentials = Depends(HTTPBasic())):
+        """Mirrors ``Api.auth``: HTTP basic credentials against ``--api-auth``, else 401."""
+        if credentials.username in self.credentials:
+            if compare_digest(credentials.password, self.credentials[credentials.username]):
+                return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
     def get_selectable_script(self, script_name, script_runner):
         """Mirrors ``Api.get_selectable_script``."""
