@@ -276,7 +276,7 @@ class ForgeJob:
         if unet is None or not self.perturbation.needs_grid:
             yield
             return
-        with self.grids.watching(unet, self.selection.paths):
+        with self.grids.watching(unet, [layer for layer, _ in self.selection.chosen]):
             yield
 
     def owns(self, patcher) -> bool:

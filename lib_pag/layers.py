@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +45,19 @@ class AttnLayer:
     transformer: int  # index in SpatialTransformer.transformer_blocks
     host_block: tuple  # ("input", 4) / ("middle", 0) / ("output", 2): Forge/ComfyUI patch keys
     path: str  # "input_blocks.4.1.transformer_blocks.0.attn1"
+    # the attn1 module and its spatial transformer as found (weak references): extensions wrap blocks
+    # mid-job (Kohya HRFix puts a Scaler around a block), which changes the path but not the modules
+    refs: tuple = field(default=(), compare=False, repr=False)
+
+    def module(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The attn1 module: the one the catalog found, else by path (``AttributeError`` if gone)."""
+        found = self.refs[0]() if self.refs else None
+        return found if found is not None else unet.get_submodule(self.path)
+
+    def spatial_transformer(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The spatial transformer holding it (its input's shape is the attention's token grid)."""
+        found = self.refs[1]() if len(self.refs) > 1 else None
+        return found if found is not None else unet.get_submodule(self.path.split(".transformer_blocks.", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -118,15 +132,18 @@ def build_catalog(unet: torch.nn.Module) -> LayerCatalog:
         index = 0
         for host_index, block in blocks:
             found = False
-            for child_index, child in enumerate(block if isinstance(block, torch.nn.Sequential) else [block]):
+            prefix = attr if part == "mid" else f"{attr}.{host_index}"
+            # the spatial transformers inside the block, also when an extension wrapped the block in a
+            # module of its own (Kohya HRFix's Scaler keeps it as .block)
+            for sub_path, child in block.named_modules():
                 for j, tb in enumerate(getattr(child, "transformer_blocks", ())):
                     if not hasattr(tb, "attn1"):
                         continue
-                    prefix = attr if part == "mid" else f"{attr}.{host_index}"
                     layers.append(AttnLayer(
                         name=f"{PREFIX[part]}{index}.{j}", part=part, block=index, transformer=j,
                         host_block=(HOST_BLOCK[part], host_index),
-                        path=f"{prefix}.{child_index}.transformer_blocks.{j}.attn1",
+                        path=".".join(filter(None, (prefix, sub_path, f"transformer_blocks.{j}.attn1"))),
+                        refs=(weakref.ref(tb.attn1), weakref.ref(child)),
                     ))
                     found = True
             index += found

@@ -96,11 +96,6 @@ def after_forward(module: torch.nn.Module, hook, **kwargs):
         return module.register_forward_hook(hook, **kwargs)
 
 
-def transformer_path(attn1_path: str) -> str:
-    """The spatial transformer holding an attn1: ``middle_block.1.transformer_blocks.0.attn1`` → ``middle_block.1``."""
-    return attn1_path.split(".transformer_blocks.", 1)[0]
-
-
 class TokenGrids:
     """The true ``(h, w)`` token grid of the spatial transformer that is running, from the shape reaching it.
 
@@ -113,12 +108,11 @@ class TokenGrids:
         self._stack: list = []
 
     @contextmanager
-    def watching(self, unet: torch.nn.Module, paths):
-        """Watch the spatial transformers of the attn1 module ``paths`` for the calls made inside the block."""
+    def watching(self, unet: torch.nn.Module, layers):
+        """Watch the spatial transformers of the attn1 ``layers`` (``AttnLayer``) for the calls made inside the block."""
         handles = []
         try:
-            for path in dict.fromkeys(transformer_path(p) for p in paths):
-                module = unet.get_submodule(path)
+            for module in {id(m): m for m in (layer.spatial_transformer(unet) for layer in layers)}.values():
                 handles.append(module.register_forward_pre_hook(self._enter))
                 handles.append(after_forward(module, self._leave))
             yield self
@@ -174,7 +168,7 @@ class AttentionPatch:
             self._watch_rows = self.marks.watching(self.unet)
             self._watch_rows.__enter__()
             for layer, strength in self.selection.chosen:
-                module = self.unet.get_submodule(layer.path)
+                module = layer.module(self.unet)
                 had_own = "forward" in module.__dict__
                 previous = module.__dict__.get("forward")
                 wrapper = self._make_wrapper(module, previous, strength)
@@ -182,7 +176,7 @@ class AttentionPatch:
                 self._installed.append((module, had_own, previous, wrapper))
                 self.patched.append(layer.name)
             if self.perturbation.needs_grid:
-                self._watch = self.grids.watching(self.unet, self.selection.paths)
+                self._watch = self.grids.watching(self.unet, [layer for layer, _ in self.selection.chosen])
                 self._watch.__enter__()
             self.active = True
         except BaseException:

@@ -314,3 +314,63 @@ def test_multidiffusion_tiles_keep_the_twins_in_place(tiled_diffusion, batch_siz
     scale = max(1.0, float(separate.abs().max()))
     assert float((batched - separate).abs().max()) / scale <= TOL
     assert float((batched - plain).abs().max()) / scale > 1e-3
+
+
+# --- Kohya HRFix / Deep Shrink (wcde/sd-webui-kohya-hiresfix): blocks wrapped mid-job -----------------
+
+class Scaler(torch.nn.Module):
+    """Mirrors ``scripts/khrfix.py: Scaler``: resize the input, then the wrapped block."""
+
+    def __init__(self, scale, block, calls):
+        super().__init__()
+        self.scale, self.block, self.calls = scale, block, calls
+
+    def forward(self, x, *args):
+        self.calls.append(self.scale)
+        return self.block(torch.nn.functional.interpolate(x, scale_factor=self.scale, mode="bicubic"), *args)
+
+
+@pytest.fixture()
+def deep_shrink(sd15_webui):
+    """Mirrors ``KohyaHiresFix.process``'s ``denoiser_callback`` (one depth, early_out off): while the step is
+    below ``s·total`` ``input_blocks[d]`` is wrapped in ``Scaler(0.5)`` and ``output_blocks[-(d+1)]`` in
+    ``Scaler(2)`` — swapped into the UNet from a ``cfg_denoiser`` callback, mid-job — then unwrapped."""
+    from modules import script_callbacks
+
+    unet = sd15_webui.model.diffusion_model
+    d, s, calls = 2, 0.6, []
+
+    def denoiser_callback(params):
+        if params.sampling_step < params.total_sampling_steps * s:
+            if not isinstance(unet.input_blocks[d], Scaler):
+                unet.input_blocks[d] = Scaler(0.5, unet.input_blocks[d], calls)
+                unet.output_blocks[-(d + 1)] = Scaler(2.0, unet.output_blocks[-(d + 1)], calls)
+        elif isinstance(unet.input_blocks[d], Scaler):
+            unet.input_blocks[d] = unet.input_blocks[d].block
+            unet.output_blocks[-(d + 1)] = unet.output_blocks[-(d + 1)].block
+
+    script_callbacks.on_cfg_denoiser(denoiser_callback)
+    yield calls
+    script_callbacks.remove_callbacks_for_function(denoiser_callback)
+    for blocks, i in ((unet.input_blocks, d), (unet.output_blocks, -(d + 1))):
+        if isinstance(blocks[i], Scaler):
+            blocks[i] = blocks[i].block
+
+
+@pytest.mark.parametrize("method", ["identity", "blur"])
+def test_blocks_wrapped_mid_job_keep_their_attention_patched(deep_shrink, method):
+    """The layers were resolved before the wrap: the patch still finds the same attn1 modules (Scaler around
+    their block changes the module path, not the modules)."""
+    def job(values):
+        deep_shrink.clear()
+        p = txt2img(values, steps=4, cfg_scale=5.0, width=256, height=256)
+        return latents(processing.process_images(p)), list(deep_shrink)
+
+    pag = {"enabled": True, "scale": 3.0, "layers": "mid,up", "method": method, "blur_sigma": 2.0}
+    batched, calls = job([pag])
+    separate, _ = job([{**pag, "mode": "separate"}])
+    plain, _ = job([False])
+    assert calls.count(0.5) >= 2 and calls.count(2.0) >= 2  # the wrappers really ran (the first steps)
+    scale = max(1.0, float(separate.abs().max()))
+    assert float((batched - separate).abs().max()) / scale <= TOL
+    assert float((batched - plain).abs().max()) / scale > 1e-3

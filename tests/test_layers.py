@@ -197,3 +197,33 @@ def test_layer_syntax_takes_ascii_digits_and_a_strength_after_every_colon(spec, 
 def test_canonical_layer_text_merges_repeats_without_changing_the_meaning(sd15, spec, canonical):
     assert normalize_layer_spec(spec) == canonical
     assert resolve_layers(spec, sd15).chosen == resolve_layers(canonical, sd15).chosen
+
+
+def test_catalog_sees_through_a_block_wrapper_and_follows_the_modules():
+    """Kohya HRFix wraps ``input_blocks[d]`` / ``output_blocks[-(d+1)]`` in a ``Scaler`` (the block kept as
+    ``.block``) mid-job and unwraps it later: the same names resolve to the same attn1 modules either way."""
+    import torch
+
+    class Scaler(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, *args):
+            return self.block(x, *args)
+
+    unet = sd15_unet(seed=2)
+    plain = build_catalog(unet)
+    unet.input_blocks[4] = Scaler(unet.input_blocks[4])
+    unet.output_blocks[7] = Scaler(unet.output_blocks[7])
+    wrapped = build_catalog(unet)
+    assert [l.name for l in wrapped.layers] == [l.name for l in plain.layers] and wrapped.arch == plain.arch
+    moved = {l.name: l.path for l in wrapped.layers if l.path != next(p.path for p in plain.layers if p.name == l.name)}
+    assert moved == {"d2.0": "input_blocks.4.block.1.transformer_blocks.0.attn1",
+                     "u4.0": "output_blocks.7.block.1.transformer_blocks.0.attn1"}
+    for layer in wrapped.layers:
+        assert layer.module(unet) is unet.get_submodule(layer.path)
+    unet.input_blocks[4] = unet.input_blocks[4].block  # unwrapped: the path is gone, the module is not
+    layer = next(l for l in wrapped.layers if l.name == "d2.0")
+    assert layer.module(unet) is unet.input_blocks[4][1].transformer_blocks[0].attn1
+    assert layer.spatial_transformer(unet) is unet.input_blocks[4][1]
