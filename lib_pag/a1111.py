@@ -16,6 +16,7 @@ Host modules are imported lazily so this file loads (and is tested) without the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -27,8 +28,9 @@ import torch
 from .errors import PagError
 from .fork import forking
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, read_params, write_infotext
+from .job import NEVER_CALLED, announce_refusal, read_params, write_infotext, write_note
 from .layers import LayerSelection, build_catalog, resolve_layers
+from .neighbors import neighbor_on
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
@@ -68,6 +70,7 @@ class Job:
     refused: str | None = None
     call: Call | None = None
     selections: dict = field(default_factory=dict)  # id(unet) -> (weakref to it, LayerSelection | PagError)
+    checked_mode: str | None = None  # the mode after the neighbor check (``Job.mode``)
 
     @property
     def p(self):
@@ -86,6 +89,23 @@ class Job:
         if isinstance(found, PagError):
             raise found
         return found
+
+    def mode(self) -> str | None:
+        """``batched`` or ``separate`` for this job's denoiser calls; None after a refusal. Checked once, at the
+        first denoiser call (other extensions' ``process`` hooks have run by then): an extension that cannot
+        share a batch switches PAG to separate mode, or off, with a log line and a ``PAG note``."""
+        if self.checked_mode is None:
+            self.checked_mode = self.params.mode
+            neighbor = neighbor_on(getattr(self.p, "extra_generation_params", None))
+            if neighbor is not None and neighbor.action == "refuse":
+                self.refuse(f"{neighbor.name} is on: {neighbor.why}")
+            elif neighbor is not None and self.params.mode == "batched":
+                self.checked_mode = "separate"
+                note = f"separate mode: {neighbor.name} is on ({neighbor.why})"
+                log.warning("PAG: %s", note)
+                write_infotext(self.p, dataclasses.replace(self.params, mode="separate"))
+                write_note(self.p, note, keep_settings=True)
+        return None if self.refused else self.checked_mode
 
     def refuse(self, reason: str, level: int = logging.WARNING) -> None:
         """Stop PAG for this job (a bad setting logs an error, an unsupported model a warning)."""
@@ -295,8 +315,11 @@ def on_cfg_denoiser(params) -> None:
         job.refuse("cannot match the AND sub-prompts to the cond rows on this WebUI version")
         return
     call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
-    layout = job.params.mode
-    if job.params.mode == "separate":
+    mode = job.mode()
+    if mode is None:
+        return
+    layout = mode
+    if mode == "separate":
         call.separate, call.x_in = True, params.x
     elif uncond_slot_is_free(den, conds_list, n_cond, batch, params):
         # CFG scale 1: the uncond rows cannot reach the image, so they carry the perturbed twins (2 rows, not 3)

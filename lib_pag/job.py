@@ -27,11 +27,13 @@ def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
         write_note(p, f"not applied: {reason}")
 
 
-def write_note(p, text: str) -> None:
-    """Drop this job's PAG settings from the infotext and say why in ``PAG note``."""
+def write_note(p, text: str, *, keep_settings: bool = False) -> None:
+    """Say in ``PAG note`` why PAG did not run (its settings dropped from the infotext) or ran differently
+    than asked (``keep_settings``: the settings it really ran with stay)."""
     extra = getattr(p, "extra_generation_params", None)
     if isinstance(extra, dict):
-        _drop_pag_keys(extra)
+        if not keep_settings:
+            _drop_pag_keys(extra)
         extra[NOTE_KEY] = text
 
 

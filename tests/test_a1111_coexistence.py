@@ -374,3 +374,55 @@ def test_blocks_wrapped_mid_job_keep_their_attention_patched(deep_shrink, method
     scale = max(1.0, float(separate.abs().max()))
     assert float((batched - separate).abs().max()) / scale <= TOL
     assert float((batched - plain).abs().max()) / scale > 1e-3
+
+
+# --- Regional Prompter (hako-mikan/sd-webui-regional-prompter): told apart by its infotext ------------
+
+def regional_prompter_script(calc_mode):
+    """Mirrors what ``scripts/rp.py: Script.process`` leaves for others to see when it is on: its keys in
+    ``p.extra_generation_params`` ("RP Active", "RP Calc Mode", ...). Its hooks are not modelled here: the
+    real extension was run beside PAG (README, compatibility table)."""
+    from modules import scripts as host_scripts
+
+    class RegionalPrompter(host_scripts.Script):
+        def title(self):
+            return "Regional Prompter"
+
+        def show(self, is_img2img):
+            return host_scripts.AlwaysVisible
+
+        def process(self, p, *args):
+            p.extra_generation_params.update({"RP Active": True, "RP Divide mode": "Matrix", "RP Calc Mode": calc_mode})
+
+    return RegionalPrompter
+
+
+@pytest.mark.parametrize("calc_mode", ["Attention", "Latent"])
+def test_regional_prompter_switches_pag_to_separate_or_off(sd15_webui, calc_mode, caplog):
+    from modules import scripts as host_scripts
+
+    unet = sd15_webui.model.diffusion_model
+    rp = regional_prompter_script(calc_mode)()
+    rp.args_from = rp.args_to = 1  # no UI args of its own here
+    host_scripts.scripts_txt2img.alwayson_scripts.append(rp)
+    rows, handle = rows_per_unet_call(unet)
+    try:
+        with caplog.at_level("WARNING", logger="sd_webui_pag"):
+            p = txt2img([{"enabled": True, "scale": 3.0, "layers": "mid"}], steps=2, width=128, height=128)
+            out = latents(processing.process_images(p))
+    finally:
+        handle.remove()
+        host_scripts.scripts_txt2img.alwayson_scripts.pop()
+    extra = p.extra_generation_params
+    if calc_mode == "Latent":
+        assert rows == [2, 2]  # no PAG rows at all
+        assert "PAG scale" not in extra and extra["PAG note"].startswith("not applied: Regional Prompter (Latent mode) is on")
+        assert torch.equal(out, latents(processing.process_images(txt2img([False], steps=2, width=128, height=128))))
+    else:
+        assert rows == [2, 1, 2, 1]  # the host's cond + uncond call, then the cond row once more, perturbed
+        assert extra["PAG mode"] == "separate" and extra["PAG scale"] == "3"
+        assert extra["PAG note"].startswith("separate mode: Regional Prompter (Attention mode) is on")
+        assert "separate mode: Regional Prompter" in caplog.text
+        separate = latents(processing.process_images(
+            txt2img([{"enabled": True, "scale": 3.0, "layers": "mid", "mode": "separate"}], steps=2, width=128, height=128)))
+        assert torch.equal(out, separate)
