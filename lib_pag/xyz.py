@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from .errors import PagError
 from .params import METHODS, PagParams
 
 log = logging.getLogger("sd_webui_pag")
@@ -34,11 +35,17 @@ def axis_specs():
     ]
 
 
-def _confirm(attribute):
-    """Reject a bad axis value before the grid starts, with the same message as everywhere else."""
+def _confirm(label, attribute, has_choices):
+    """Reject a bad axis value before the grid starts, with the same message as everywhere else; an axis
+    without values (the X/Y/Z script reads a choice axis' dropdown, not its text, while "use text inputs"
+    is off — an API client that filled only the text gets no cell at all) is an error too."""
     field = attribute[len("pag_"):]
 
     def confirm(p, values):
+        if not values:
+            where = (" (with text inputs off, a choice axis takes its values from the dropdown: the API's "
+                     "*_values_dropdown argument)") if has_choices else ""
+            raise PagError(LABEL_PREFIX + label, values, "at least one value", f"has no values{where}")
         for value in values:
             PagParams(enabled=True).with_overrides(**{field: value})
     return confirm
@@ -53,7 +60,7 @@ def add_axes(xyz_module) -> int:
     for label, kind, attribute, choices in axis_specs():
         options.append(xyz_module.AxisOption(
             LABEL_PREFIX + label, kind, xyz_module.apply_field(attribute),
-            confirm=_confirm(attribute), choices=choices,
+            confirm=_confirm(label, attribute, choices is not None), choices=choices,
         ))
         added += 1
     return added

@@ -1,13 +1,14 @@
 """The extension as a WebUI user and API client meet it: UI, infotext, API, X/Y/Z, safety, refusals."""
 
 import json
+import re
 import logging
 
 import pytest
 import torch
 
 from a1111_harness import load_webui, pag_script, script_args, txt2img, unload_webui
-from lib_pag import a1111
+from lib_pag import PagError, a1111
 from modules import infotext_utils, processing, script_callbacks, scripts, shared
 from modules import sd_models_double
 from unets import assert_same_snapshot, snapshot
@@ -516,3 +517,15 @@ def test_api_auth_comes_first(webui, monkeypatch):
         assert "PAG" not in r.text and "u0-u8" not in r.text
     r = auth_client.post("/sdapi/v1/txt2img", json=body, auth=("bob", "hunter2"))
     assert r.status_code == 422 and r.json()["field"] == "PAG layers"
+
+
+@pytest.mark.parametrize("label", ["[PAG] Method", "[PAG] Enabled"])
+def test_xyz_choice_axis_without_values_is_an_error(webui, label):
+    """An API client with text inputs off that filled only the text of a choice axis: the X/Y/Z script
+    reads the (empty) dropdown; instead of a grid of 0 images, the axis' confirm says why."""
+    _, _, xyz = webui
+    axis = next(o for o in xyz.axis_options if o.label == label)
+    p = txt2img([{"enabled": True}])
+    with pytest.raises(PagError, match=re.escape(label) + ".*has no values.*dropdown"):
+        xyz.process_axis(p, axis, "identity, blur" if "Method" in label else "True, False", vals_dropdown=[], csv_mode=False)
+    assert xyz.process_axis(p, axis, "identity, blur" if "Method" in label else "True, False", csv_mode=True)
