@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import LayerSelection
+from .patch import fit_rows
 
 log = logging.getLogger("sd_webui_pag")
 
@@ -145,7 +146,12 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
         return None
     n = x.shape[0]
     perturbed = torch.as_tensor(perturbed, dtype=torch.bool).reshape(-1).cpu()
-    if perturbed.numel() != n or not bool(perturbed.any()) or bool(perturbed.all()):
+    if perturbed.numel() != n and n % perturbed.numel() == 0 and source is None:
+        perturbed = fit_rows(perturbed, n, n)  # k tiles of the marked batch (Tiled Diffusion)
+    if perturbed.numel() != n:
+        log.debug("PAG fork off: a UNet call of %d rows does not fit the %d marked rows", n, perturbed.numel())
+        return None
+    if not bool(perturbed.any()) or bool(perturbed.all()):
         return None
     if (y is not None) != (getattr(unet, "num_classes", None) is not None):
         return None

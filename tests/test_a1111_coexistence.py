@@ -299,15 +299,18 @@ def tiled_diffusion(sd15_webui, monkeypatch):
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_multidiffusion_tiles_keep_the_twins_in_place(tiled_diffusion, batch_size):
-    """Each UNet call holds 2 tiles of the whole [cond, twins, uncond] batch, tile after tile."""
+def test_multidiffusion_tiles_keep_the_twins_in_place(tiled_diffusion, batch_size, caplog):
+    """Each UNet call holds 2 tiles of the whole [cond, twins, uncond] batch, tile after tile; the fork
+    shares the prefix within each tile."""
     def job(values):
         tiled_diffusion.clear()
         p = txt2img(values, steps=2, cfg_scale=5.0, batch_size=batch_size, width=128, height=128)
         return latents(processing.process_images(p)), list(tiled_diffusion)
 
     pag = {"enabled": True, "scale": 3.0, "layers": "mid,up"}
-    batched, rows = job([pag])
+    with caplog.at_level("DEBUG", logger="sd_webui_pag"):
+        batched, rows = job([pag])
+    assert f"PAG fork before middle_block[1]: prefix on {4 * batch_size} of {6 * batch_size} rows" in caplog.text
     separate, _ = job([{**pag, "mode": "separate"}])
     plain, plain_rows = job([False])
     assert rows[0] == 2 * 3 * batch_size and plain_rows[0] == 2 * 2 * batch_size  # two tiles per call
