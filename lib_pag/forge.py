@@ -24,7 +24,9 @@ AND prompts: the host averages sub-prompt predictions, ``Σ mult_k·pred_k / Σ 
 ``mult_k`` = strength (× mask/area), over the entries of its ``cond`` list. The twins are
 accumulated with the *same* ``mult``/area, obtained from the host's own ``get_area_and_mult``, and
 each twin is matched to its cond entry by comparing the conditioning tensors of the UNet call with
-the entry's — independent of how the host chunked or ordered the entries.
+the entry's — independent of how the host chunked or ordered the entries. The post-CFG term is then
+scaled by the sum of the strengths, as the host scales its CFG term (``edit_strength``): the term is
+``s·Σ w·(cond − perturbed)``, exactly A1111's, so PAG's strength relative to CFG is the same on every host.
 
 Schedule: the step fraction is the CFG denoiser's ``step / total_steps`` (``p.sampler.model_wrap_cfg``,
 the same counters the A1111 adapter uses: denoiser calls, so 2nd-order samplers count both calls
@@ -633,13 +635,24 @@ def _make_post_cfg(job: ForgeJob):
             perturbed, how = _separate(job, args), "separate"
             if not job.live:
                 return denoised
-        guided = denoised.float() + scale * (cond_denoised.float() - perturbed.float())
+        # the host's CFG is cfg·Σ strength·(cond average − uncond) (its edit_strength): weigh PAG's term the
+        # same way, so s·Σ w·(cond − perturbed) as on A1111 — one meaning of AND on every host
+        weight = and_weight(args.get("cond"))
+        guided = denoised.float() + scale * weight * (cond_denoised.float() - perturbed.float())
         if job.params.rescale:
             guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
         job.log.append((n, total, sigma, scale, how))
         return guided.to(denoised.dtype)
 
     return _tag(post_cfg, job)
+
+
+def and_weight(cond) -> float:
+    """Σ of the AND sub-prompts' strengths of one image (the host's ``edit_strength``); 1 without them."""
+    try:
+        return float(sum(entry.get("strength", 1.0) for entry in cond)) if cond else 1.0
+    except (TypeError, AttributeError):
+        return 1.0
 
 
 def _separate(job: ForgeJob, args) -> torch.Tensor:

@@ -103,7 +103,7 @@ def expected(unet, ref, x, sigma, uncond, cond, conds_list, cfg, s, *, skipped=F
     else:
         u = D(unet, x, sigma, uncond)
         out = u + (cond_pred - u) * cfg * edit
-    guided = out + s * (cond_pred - pert)
+    guided = out + s * total * (cond_pred - pert)  # Σ w·(c − p): the host's CFG is scaled by Σ w too
     if rescale:
         dims = (1, 2, 3)
         ratio = cond_pred.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
