@@ -177,9 +177,16 @@ def test_xyz_plot_axis():
         value = a.get("value")
         args.append(a["choices"].index(value) if a.get("choices") and value in a["choices"] else value)
     args[0], args[1] = choices.index("[PAG] Scale"), "0, 3"
+    labels = [a.get("label") for a in xyz["args"]]
+    if "Include Sub Images" in labels:  # otherwise some hosts (reForge) return only the grid, with one infotext
+        args[labels.index("Include Sub Images")] = True
     body = txt2img({"enabled": True, "layers": "m0"}, script_name="x/y/z plot", script_args=args)
     texts = json.loads(body["info"])["infotexts"]
-    assert any("PAG scale: 3" in t for t in texts)
+    cells = {t: img for t, img in zip(texts, body["images"]) if "PAG scale" in t}
+    zero = [img for t, img in cells.items() if "PAG scale: 0" in t]
+    three = [img for t, img in cells.items() if "PAG scale: 3" in t]
+    assert zero and three, texts  # each cell says its own scale ...
+    assert not same(zero[0], three[0])  # ... and really ran with it
 
 
 def test_interrupt_leaves_the_model_clean(plain):
