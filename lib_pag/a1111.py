@@ -71,6 +71,9 @@ class Job:
     call: Call | None = None
     selections: dict = field(default_factory=dict)  # id(unet) -> (weakref to it, LayerSelection | PagError)
     checked_mode: str | None = None  # the mode after the neighbor check (``Job.mode``)
+    # this step's batched twins (denoiser, n_cond, rows): the combine step must not see them even when the
+    # step's PAG term was dropped (a refusal or a lost batch after the rows were added)
+    twins: tuple | None = None
 
     @property
     def p(self):
@@ -281,6 +284,7 @@ def on_cfg_denoiser(params) -> None:
     if job is None:
         return
     job.call = None
+    job.twins = None
     if job.refused or not job.params.enabled:
         return
     if den is None:
@@ -335,6 +339,7 @@ def on_cfg_denoiser(params) -> None:
         params.image_cond = twin_rows(params.image_cond, n_cond)
         params.text_cond = twin_cond(params.text_cond, n_cond)
         call.x_in, call.mask, call.twins = params.x, perturbed_mask(n_cond, batch), True
+        job.twins = (den, n_cond, params.x.shape[0])
     job.call = call
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
@@ -430,14 +435,16 @@ def install_combine_wrapper(denoiser) -> None:
     def combine_denoised(x_out, *args, **kwargs):
         own = previous if previous is not None else (lambda *a, **k: type(denoiser).combine_denoised(denoiser, *a, **k))
         job = JOBS.current
+        twins = job.twins if job is not None else None
+        if twins is not None and twins[0] is denoiser and torch.is_tensor(x_out) and x_out.shape[0] == twins[2]:
+            # the combine step (the host's, or one another extension put there: Dynamic Thresholding
+            # reads every row before the uncond rows as a cond row) sees exactly the batch it would
+            # see without PAG — also when this step's PAG term was dropped after the rows went in
+            n_cond = twins[1]
+            x_out = torch.cat([x_out[:n_cond], x_out[2 * n_cond:]])
         call = job.call if job is not None else None
         if call is None or call.denoiser is not denoiser or call.delta is None or call.applied:
             return own(x_out, *args, **kwargs)
-        if call.twins and torch.is_tensor(x_out) and x_out.shape[0] >= 2 * call.n_cond:
-            # the combine step (the host's, or one another extension put there: Dynamic Thresholding
-            # reads every row before the uncond rows as a cond row) sees exactly the batch it would
-            # see without PAG
-            x_out = torch.cat([x_out[:call.n_cond], x_out[2 * call.n_cond:]])
         call.applied = True
         return guided_with_pag(job, call, own(x_out, *args, **kwargs), blended=False)
 

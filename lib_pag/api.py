@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import PagError
+from .errors import PagError, short_repr
 from .layers import build_catalog, resolve_layers
 from .params import PagParams, field_names, label_of, params_from_positional
 
@@ -41,7 +41,7 @@ def _json_object(pairs) -> JsonObject:
 def _no_repeats(obj, where: str) -> None:
     for key, first, later in getattr(obj, "repeated", ()):
         raise PagError("PAG args", {key: [first, later]}, f"each key once in {where}",
-                       f"gives {key!r} twice in one JSON object, with different values")
+                       f"gives {short_repr(key)} twice in one JSON object, with different values")
 
 
 def pag_args_of(body: dict, title: str):
@@ -59,7 +59,7 @@ def pag_args_of(body: dict, title: str):
             continue
         if not isinstance(entry, dict):
             raise PagError("PAG args", entry, 'an object like {"args": [...]}', "has the wrong type")
-        _no_repeats(entry, f"alwayson_scripts[{name!r}]")
+        _no_repeats(entry, f"alwayson_scripts[{short_repr(name)}]")
         args = entry.get("args", [])
         if not isinstance(args, list):
             raise PagError("PAG args", args, "a list: positional values, or one object with named settings", "has the wrong type")
@@ -67,7 +67,7 @@ def pag_args_of(body: dict, title: str):
             _no_repeats(value, "the PAG args")
         if found is not None and found[1] != args:
             raise PagError("PAG args", {found[0]: found[1], name: args}, "the script once in alwayson_scripts",
-                           f"is given twice, as {found[0]!r} and {name!r}, with different args")
+                           f"is given twice, as {short_repr(found[0])} and {short_repr(name)}, with different args")
         found = (name, args)
     _no_repeats_of_title(scripts, title)
     return None if found is None else found[1]
@@ -77,7 +77,7 @@ def _no_repeats_of_title(scripts, title) -> None:
     for key, first, later in getattr(scripts, "repeated", ()):
         if isinstance(key, str) and key.lower() == title.lower():
             raise PagError("PAG args", {key: [first, later]}, "the script once in alwayson_scripts",
-                           f"is given twice as {key!r} in one JSON object, with different args")
+                           f"is given twice as {short_repr(key)} in one JSON object, with different args")
 
 
 def validate_request_args(args: list, unet=None) -> PagParams:
@@ -93,9 +93,15 @@ def validate_request_args(args: list, unet=None) -> PagParams:
     return params
 
 
+MAX_DETAIL = 1_500  # a last bound on the message; every value in it is already shortened
+
+
 def error_body(err: PagError) -> dict:
     """The 422 body: ``error``, ``detail`` (the message), ``field``, ``value`` (shortened), ``allowed``."""
-    return {"error": "PagError", "detail": str(err), **err.as_dict()}
+    detail = str(err)
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL - 20] + f"… ({len(detail)} characters)"
+    return {"error": "PagError", "detail": detail, **err.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,8 @@ class HostLookups:
 
     ``current_unet()``: the loaded UNet (layers are checked against it); ``parse_infotext(text)``: the
     host's ``parse_generation_parameters``; ``is_loaded_checkpoint(name)``: whether an
-    ``override_settings.sd_model_checkpoint`` names the model already loaded; ``authorized(headers)``:
+    ``override_settings.sd_model_checkpoint`` leaves the loaded model in place (names it, or names nothing
+    the host knows — A1111 then drops the override); ``authorized(headers)``:
     whether the host's API authentication accepts the request (lower-case header names → values) — a
     request it rejects is passed through unjudged, so the client gets the host's own 401 and nothing
     about PAG or the model.

@@ -308,7 +308,14 @@ def _can_split(middle, mod) -> bool:
     sequential = getattr(mod, "TimestepEmbedSequential", None)
     if sequential is None or not hasattr(mod, "TimestepBlock") or not hasattr(mod, "SpatialTransformer"):
         return False
-    reason = foreign_patch(middle, sequential.forward)
+    stock = sequential.forward
+    if (getattr(stock, "__qualname__", "") != "TimestepEmbedSequential.forward"
+            or getattr(stock, "__module__", "") != mod.__name__):
+        # someone replaced the class's forward (AnimateDiff does): its children are not ours to run
+        log.debug("PAG fork: TimestepEmbedSequential.forward is %s.%s, not the model's own; forking before "
+                  "middle_block", getattr(stock, "__module__", "?"), getattr(stock, "__qualname__", stock))
+        return False
+    reason = foreign_patch(middle, stock)
     if reason is not None:
         log.debug("PAG fork: middle_block has %s; forking before middle_block instead of inside it", reason)
         return False

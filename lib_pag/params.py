@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
-from .errors import PagError
+from .errors import PagError, short_repr
 from .layers import format_number, normalize_layer_spec
 
 METHODS = ("identity", "blur", "noise")
@@ -81,7 +81,7 @@ class PagParams:
             if name in values and values[name] != checked:
                 first = spelled[name]
                 raise PagError("PAG args", {first: data[first], key: value}, "one key per setting (or equal values)",
-                               f"gives {f.metadata['label']} twice, as {first!r} and {key!r}")
+                               f"gives {f.metadata['label']} twice, as {short_repr(first)} and {short_repr(key)}")
             values[name], spelled[name] = checked, key
         return dataclasses.replace(base or cls(), **values)
 

@@ -63,10 +63,20 @@ def _parse_infotext(text):
 
 
 def _is_loaded_checkpoint(name):
+    """Whether a request's ``override_settings.sd_model_checkpoint`` leaves the loaded model in place: it
+    names that model (any alias), or nothing the host knows (A1111 then drops the override)."""
     info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
-    names = {getattr(info, key, None) for key in ("title", "name", "name_for_extra", "model_name", "short_title",
-                                                    "hash", "sha256", "shorthash", "filename")}
-    return info is not None and name in names - {None, ""}
+    if info is None:
+        return False
+    try:
+        from modules import sd_models
+
+        target = sd_models.checkpoint_aliases.get(name)
+    except (ImportError, AttributeError):
+        names = {getattr(info, key, None) for key in ("title", "name", "name_for_extra", "model_name", "short_title",
+                                                        "hash", "sha256", "shorthash", "filename")}
+        return name in names - {None, ""}
+    return target is None or target is info or getattr(target, "filename", None) == getattr(info, "filename", "")
 
 
 def _authorized(headers):

@@ -429,3 +429,22 @@ def test_regional_prompter_switches_pag_to_separate_or_off(sd15_webui, calc_mode
         separate = latents(processing.process_images(
             txt2img([{"enabled": True, "scale": 3.0, "layers": "mid", "mode": "separate"}], steps=2, width=128, height=128)))
         assert torch.equal(out, separate)
+
+
+def test_refusal_mid_step_still_hides_the_twins_from_the_combine_step(dynthresh):
+    """PAG refuses after its first perturbed call (the attn1 modules never ran): that step's twin rows are
+    already in the batch; a Dynamic-Thresholding combine step must still get the batch without them, so the
+    image is the plain one its "not applied" note says it is."""
+    import copy
+
+    unet = dynthresh.model.diffusion_model
+    private = copy.deepcopy(unet)
+    unet.forward = lambda *args, **kwargs: private(*args, **kwargs)
+    try:
+        p = txt2img([{"enabled": True, "scale": 3.0}], steps=3, width=128, height=128)
+        pag = latents(processing.process_images(p))
+        plain = latents(processing.process_images(txt2img([False], steps=3, width=128, height=128)))
+    finally:
+        del unet.forward
+    assert p.extra_generation_params["PAG note"].startswith("not applied")
+    assert torch.equal(pag, plain)

@@ -529,3 +529,29 @@ def test_xyz_choice_axis_without_values_is_an_error(webui, label):
     with pytest.raises(PagError, match=re.escape(label) + ".*has no values.*dropdown"):
         xyz.process_axis(p, axis, "identity, blur" if "Method" in label else "True, False", vals_dropdown=[], csv_mode=False)
     assert xyz.process_axis(p, axis, "identity, blur" if "Method" in label else "True, False", csv_mode=True)
+
+
+def test_api_checks_layers_unless_the_request_really_loads_another_checkpoint(client, webui, monkeypatch):
+    """A1111 drops a checkpoint override it cannot resolve and keeps the loaded model; an alias of the loaded
+    model keeps it too: both are checked now. Only a different, known checkpoint is left to the job."""
+    import sys
+    import types
+
+    loaded = webui[0].sd_checkpoint_info
+    other = types.SimpleNamespace(filename="other.safetensors")
+    fake = types.ModuleType("modules.sd_models")
+    fake.checkpoint_aliases = {"tiny [0123abcd]": loaded, "other.safetensors": other}
+    monkeypatch.setitem(sys.modules, "modules.sd_models", fake)
+    bad = [{"enabled": True, "layers": "u42"}]
+    for name in ("tiny [0123abcd]", "no-such-checkpoint"):
+        r = request(client, bad, override_settings={"sd_model_checkpoint": name})
+        assert r.status_code == 422 and r.json()["field"] == "PAG layers", (name, r.text)
+    r = request(client, bad, override_settings={"sd_model_checkpoint": "other.safetensors"})
+    assert r.status_code == 200  # judged by the job on the model it loads (the double keeps this one: refused)
+
+
+def test_long_keys_are_shortened_in_the_body(client):
+    r = raw_request(client, '{"pag": {"args": [{"enabled": true, "PAG' + " " * 5000 + 'scale": 3, "scale": 2}]}}')
+    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+    r = raw_request(client, '{"pag": {"args": [{"enabled": true, "' + "k" * 5000 + '": 1, "' + "k" * 5000 + '": 2}]}}')
+    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)

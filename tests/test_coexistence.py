@@ -251,3 +251,30 @@ def test_blur_under_deep_shrink_uses_the_true_grid(unet, spec, fork, caplog):
     with torch.no_grad(), DeepShrink(unet):
         plain = unet(x, t, context=c)
     assert rel(out[:2], plain[:2]) <= TOL and rel(out[4:], plain[2:]) <= TOL
+
+
+def test_a_replaced_class_forward_of_the_blocks_is_never_skipped(unet, monkeypatch, caplog):
+    """AnimateDiff-style: ``TimestepEmbedSequential.forward`` replaced on the class. The fork then calls
+    ``middle_block`` whole (never its children), so the replacement runs for every block, as without PAG."""
+    from ldm.modules.diffusionmodules import openaimodel
+
+    stock = openaimodel.TimestepEmbedSequential.forward
+    calls = []
+
+    def mm_tes_forward(self, x, emb, context=None):
+        calls.append(type(self).__name__)
+        return stock(self, x, emb, context) * 1.01
+
+    monkeypatch.setattr(openaimodel.TimestepEmbedSequential, "forward", mm_tes_forward)
+    selection = resolve_layers("mid", build_catalog(unet))
+    plain_batch, pag_batch = inputs(unet)
+    with torch.no_grad():
+        unet(*plain_batch[:2], context=plain_batch[2])
+    without_pag = len(calls)
+    calls.clear()
+    with caplog.at_level("DEBUG", logger="sd_webui_pag"):
+        forked, point = run(unet, selection, pag_batch)
+    assert point is not None and len(calls) == without_pag
+    assert "TimestepEmbedSequential.forward is" in caplog.text
+    unforked, _ = run(unet, selection, pag_batch, fork=False)
+    assert rel(forked, unforked) <= TOL and rel(forked, separate(unet, selection, plain_batch)) <= TOL
