@@ -49,10 +49,11 @@ from typing import Callable
 
 import torch
 
-from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext
+from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext, write_note
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
+from .neighbors import neighbor_on
 from .params import PagParams
 from .patch import TokenGrids, fit_rows
 from .perturbations import Perturbation
@@ -239,6 +240,7 @@ class ForgeJob:
         self.diffusion_model = None  # weak reference to the UNet the selection was resolved on
         self.grids = TokenGrids()  # blur: the true token grid of each perturbed attention call
         self.perturbed_calls = 0  # attn1 replace-patch calls that perturbed marked rows
+        self.neighbor_mode: str | None = None  # None: not checked yet; "checked"; "separate" (neighbors.py)
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
@@ -315,6 +317,8 @@ def apply(p, args) -> ForgeJob | None:
         job = _start(p, args)
         if job is None:
             return None
+    if job.live and job.params.enabled:
+        _check_neighbors(job)
     if not job.live or not job.params.enabled:
         return job
     unet = sd_model.forge_objects.unet
@@ -369,7 +373,28 @@ def _start(p, args) -> ForgeJob | None:
 
 
 def _mode(job: ForgeJob) -> str:
+    if job.neighbor_mode == "separate":
+        return "separate"
     return "batched" if job.params.mode == "batched" and job.host.gate is not None else "separate"
+
+
+def _check_neighbors(job: ForgeJob) -> None:
+    """Once per job (every script's ``process`` has run by now): an extension that cannot share a batch
+    switches PAG to separate mode or off, as on A1111 (``neighbors.KNOWN``)."""
+    if job.neighbor_mode is not None:
+        return
+    job.neighbor_mode = "checked"
+    neighbor = neighbor_on(getattr(job.p, "extra_generation_params", None))
+    if neighbor is None:
+        return
+    if neighbor.action == "refuse":
+        job.refuse(f"{neighbor.name} is on: {neighbor.why}")
+    elif job.params.mode == "batched":
+        job.neighbor_mode = "separate"
+        note = f"separate mode: {neighbor.name} is on ({neighbor.why})"
+        log.warning("PAG: %s", note)
+        write_infotext(job.p, dataclasses.replace(job.params, mode="separate"))
+        write_note(job.p, note, keep_settings=True)
 
 
 def _note_refiner(p) -> None:

@@ -442,3 +442,24 @@ def test_multidiffusion_style_wrapper_tiles_keep_the_twins_in_place(host):
     for (_, got), (_, want), (_, off) in zip(batched, separate, plain):
         assert rel_err(got, want) <= TOL
         assert rel_err(off, want) > 1e-3
+
+
+@pytest.mark.parametrize("calc_mode", ["Attention", "Latent"])
+def test_regional_prompter_switches_pag_to_separate_or_off(host, calc_mode):
+    """As on A1111: Regional Prompter's keys in the job's infotext (its process hook ran before
+    process_before_every_sampling) switch PAG to separate mode (Attention) or off (Latent)."""
+    params = pag()
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=3)
+    p.extra_generation_params.update({"RP Active": True, "RP Calc Mode": calc_mode})
+    p, results = run(host, params, p=p)
+    job = forge.job_of(p)
+    extra = p.extra_generation_params
+    if calc_mode == "Latent":
+        assert job.refused and "Regional Prompter (Latent mode)" in job.refused
+        assert "PAG scale" not in extra and extra["PAG note"].startswith("not applied")
+        check(host, params, results, 5.0, [0.0] * 3, strengths={})
+    else:
+        assert forge._mode(job) == "separate" and extra["PAG mode"] == "separate"
+        assert extra["PAG note"].startswith("separate mode: Regional Prompter (Attention mode)")
+        assert all(how == "separate" for *_, how in job.log)
+        check(host, params, results, 5.0, [3.0] * 3)
