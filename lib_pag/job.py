@@ -16,15 +16,12 @@ NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than 
 
 
 def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
-    """Why PAG does not run, in the log and in the generation's comments.
-
-    A refusal of the model or the setup (not of a bad setting, which the user sees as an error) also
-    replaces the PAG infotext by a ``PAG note``, so the image does not claim a PAG it did not get.
-    """
+    """Why PAG does not run, in the log, in the generation's comments and in the infotext: a ``PAG note``
+    replaces PAG's settings there, so the image does not claim a PAG it did not get — and an API client,
+    which the host gives no error response for a script's refusal, can read why from the image's infotext."""
     log.log(level, "PAG refused: %s", reason)
     comment(p, f"PAG not applied: {reason}")
-    if level < logging.ERROR:
-        write_note(p, f"not applied: {reason}")
+    write_note(p, f"not applied: {reason}")
 
 
 def write_note(p, text: str, *, keep_settings: bool = False) -> None:

@@ -350,7 +350,8 @@ def test_bad_layer_is_refused_with_a_comment(host):
     job = forge.job_of(p)
     assert job.refused and "d9" in job.refused
     assert any("d9" in c for c in p.comments)
-    assert not any(k.startswith("PAG ") for k in p.extra_generation_params)
+    assert not any(k.startswith("PAG ") for k in p.extra_generation_params if k != "PAG note")
+    assert p.extra_generation_params["PAG note"].startswith("not applied: PAG layers: 'd9'")
     assert p.sd_model.forge_objects.unet is p.sd_model.forge_objects_after_applying_lora.unet
     check(host, params, results, 5.0, [0.0] * 3, strengths={})
 
