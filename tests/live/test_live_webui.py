@@ -257,3 +257,41 @@ def test_layers_checked_when_the_request_names_the_loaded_checkpoint():
                "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "u42"}]}}}
     status, body = call("/sdapi/v1/txt2img", payload)
     assert status == 422 and body["field"] == "PAG layers", body
+
+
+def test_xyz_choice_axis_without_dropdown_values_is_an_error():
+    """With text inputs off, a choice axis is read from its dropdown: an API client that only filled the
+    text gets the axis' error, not a grid of 0 images."""
+    status, info = call("/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = [a.get("label") for a in xyz["args"]]
+    if "Use text inputs instead of dropdowns" not in labels:
+        pytest.skip("this host's X/Y/Z has no text-inputs switch")
+    args = []
+    for a in xyz["args"]:
+        value = a.get("value")
+        args.append(a["choices"].index(value) if a.get("choices") and value in a["choices"] else value)
+    args[0], args[1], args[2] = xyz["args"][0]["choices"].index("[PAG] Method"), "identity, blur", []
+    args[labels.index("Use text inputs instead of dropdowns")] = False
+    payload = {**SMALL, "script_name": "x/y/z plot", "script_args": args,
+               "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "m0"}]}}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status != 200 and "[PAG] Method" in json.dumps(body), (status, body)
+
+
+@pytest.mark.skipif(not os.environ.get("PAG_WEBUI_AUTH"), reason="set PAG_WEBUI_AUTH=user:password for a host started with --api-auth")
+def test_api_auth_comes_first():
+    user, _, password = os.environ["PAG_WEBUI_AUTH"].partition(":")
+    body = json.dumps({**SMALL, "alwayson_scripts": {"pag": {"args": [{"enabled": True, "layers": "u42"}]}}}).encode()
+    for credentials in (None, f"{user}:{password}x"):
+        req = urllib.request.Request(URL + "/sdapi/v1/txt2img", data=body, headers={"Content-Type": "application/json"})
+        if credentials:
+            req.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 401 and b"PAG" not in err.value.read()
+    req = urllib.request.Request(URL + "/sdapi/v1/txt2img", data=body, headers={
+        "Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 422 and json.loads(err.value.read())["field"] == "PAG layers"
