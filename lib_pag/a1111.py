@@ -16,7 +16,6 @@ Host modules are imported lazily so this file loads (and is tested) without the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import weakref
@@ -28,9 +27,8 @@ import torch
 from .errors import PagError
 from .fork import forking
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, read_params, write_infotext, write_note
+from .job import NEVER_CALLED, announce_refusal, check_neighbors, read_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
-from .neighbors import neighbor_on
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
@@ -98,16 +96,7 @@ class Job:
         first denoiser call (other extensions' ``process`` hooks have run by then): an extension that cannot
         share a batch switches PAG to separate mode, or off, with a log line and a ``PAG note``."""
         if self.checked_mode is None:
-            self.checked_mode = self.params.mode
-            neighbor = neighbor_on(getattr(self.p, "extra_generation_params", None))
-            if neighbor is not None and neighbor.action == "refuse":
-                self.refuse(f"{neighbor.name} is on: {neighbor.why}")
-            elif neighbor is not None and self.params.mode == "batched":
-                self.checked_mode = "separate"
-                note = f"separate mode: {neighbor.name} is on ({neighbor.why})"
-                log.warning("PAG: %s", note)
-                write_infotext(self.p, dataclasses.replace(self.params, mode="separate"))
-                write_note(self.p, note, keep_settings=True)
+            self.checked_mode = check_neighbors(self.p, self.params, self.refuse) or self.params.mode
         return None if self.refused else self.checked_mode
 
     def refuse(self, reason: str, level: int = logging.WARNING) -> None:

@@ -49,11 +49,10 @@ from typing import Callable
 
 import torch
 
-from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, read_params, write_infotext, write_note
+from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
-from .neighbors import neighbor_on
 from .params import PagParams
 from .patch import TokenGrids, fit_rows
 from .perturbations import Perturbation
@@ -317,8 +316,8 @@ def apply(p, args) -> ForgeJob | None:
         job = _start(p, args)
         if job is None:
             return None
-    if job.live and job.params.enabled:
-        _check_neighbors(job)
+    if job.live and job.params.enabled and job.neighbor_mode is None:
+        job.neighbor_mode = check_neighbors(p, job.params, job.refuse) or "checked"
     if not job.live or not job.params.enabled:
         return job
     unet = sd_model.forge_objects.unet
@@ -376,25 +375,6 @@ def _mode(job: ForgeJob) -> str:
     if job.neighbor_mode == "separate":
         return "separate"
     return "batched" if job.params.mode == "batched" and job.host.gate is not None else "separate"
-
-
-def _check_neighbors(job: ForgeJob) -> None:
-    """Once per job (every script's ``process`` has run by now): an extension that cannot share a batch
-    switches PAG to separate mode or off, as on A1111 (``neighbors.KNOWN``)."""
-    if job.neighbor_mode is not None:
-        return
-    job.neighbor_mode = "checked"
-    neighbor = neighbor_on(getattr(job.p, "extra_generation_params", None))
-    if neighbor is None:
-        return
-    if neighbor.action == "refuse":
-        job.refuse(f"{neighbor.name} is on: {neighbor.why}")
-    elif job.params.mode == "batched":
-        job.neighbor_mode = "separate"
-        note = f"separate mode: {neighbor.name} is on ({neighbor.why})"
-        log.warning("PAG: %s", note)
-        write_infotext(job.p, dataclasses.replace(job.params, mode="separate"))
-        write_note(job.p, note, keep_settings=True)
 
 
 def _note_refiner(p) -> None:

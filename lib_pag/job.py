@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 
+import dataclasses
+
 from .errors import PagError
+from .neighbors import neighbor_on
 from .params import PagParams, field_names, params_from_positional
 
 log = logging.getLogger("sd_webui_pag")
@@ -82,5 +85,24 @@ def read_params(p, args) -> tuple[PagParams | None, str | None]:
     return params, None
 
 
-__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "comment", "params_from_script_args",
+def check_neighbors(p, params: PagParams, refuse) -> str | None:
+    """Once per job, after every script's ``process`` ran: a known extension that cannot share a batch
+    (``neighbors.KNOWN``) switches PAG to separate mode — returned as ``"separate"``, with a WARNING, the
+    infotext saying the mode PAG ran in and a ``PAG note`` — or off, through ``refuse(reason)``. None otherwise."""
+    neighbor = neighbor_on(getattr(p, "extra_generation_params", None))
+    if neighbor is None:
+        return None
+    if neighbor.action == "refuse":
+        refuse(f"{neighbor.name} is on: {neighbor.why}")
+        return None
+    if params.mode != "batched":
+        return None
+    note = f"separate mode: {neighbor.name} is on ({neighbor.why})"
+    log.warning("PAG: %s", note)
+    write_infotext(p, dataclasses.replace(params, mode="separate"))
+    write_note(p, note, keep_settings=True)
+    return "separate"
+
+
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "check_neighbors", "comment", "params_from_script_args",
            "read_params", "write_infotext", "write_note"]
