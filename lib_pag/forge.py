@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from . import forge_fork
 from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
 from .errors import PagError
 from .guidance import rescale_guided, scale_for_step
@@ -100,6 +101,7 @@ class HostApi:
     get_area_and_mult: Callable  # (cond_entry, x, sigma) -> cond_obj | None
     cond_prediction: Callable  # (model, cond_list, x, sigma, model_options) -> the cond rows' prediction
     gate: str | None  # "pre_cfg" (Forge 2), "calc_cond_batch_function" (reForge), None (Forge 1: separate only)
+    fork: str | None = None  # shared-prefix fork: "object_patch" (Forge 2), "wrapper" (reForge), None
 
 
 def host_api() -> HostApi | None:
@@ -121,6 +123,7 @@ def _load_forge2() -> HostApi:
         get_area_and_mult=sf.get_area_and_mult,
         cond_prediction=lambda model, cond, x, sigma, mo: sf.calc_cond_uncond_batch(model, cond, None, x, sigma, mo)[0],
         gate="pre_cfg",
+        fork="object_patch",
     )
 
 
@@ -142,7 +145,14 @@ def _load_reforge() -> HostApi:
     else:  # Forge 1: no hook right before the batched call, so the separate call only
         cond_prediction = lambda model, cond, x, sigma, mo: samplers.calc_cond_uncond_batch(model, cond, None, x, sigma, mo)[0]
         gate = None
-    return HostApi(REFORGE, set_model_options_patch_replace, attention, samplers.get_area_and_mult, cond_prediction, gate)
+    try:  # the DIFFUSION_MODEL wrappers of recent ComfyUI code (reForge main); Forge 1 has none
+        from ldm_patched.modules.patcher_extension import WrappersMP
+
+        fork = "wrapper" if getattr(WrappersMP, "DIFFUSION_MODEL", None) == forge_fork.DIFFUSION_MODEL else None
+    except ImportError:
+        fork = None
+    return HostApi(REFORGE, set_model_options_patch_replace, attention, samplers.get_area_and_mult, cond_prediction, gate,
+                   fork if gate is not None else None)
 
 
 # --- rows and per-step state -----------------------------------------------------------------------
@@ -240,6 +250,7 @@ class ForgeJob:
         self.grids = TokenGrids()  # blur: the true token grid of each perturbed attention call
         self.perturbed_calls = 0  # attn1 replace-patch calls that perturbed marked rows
         self.neighbor_mode: str | None = None  # None: not checked yet; "checked"; "separate" (neighbors.py)
+        self.fork_point = None  # forge_fork: where the twins join (batched mode, on a host with a fork route)
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
@@ -390,9 +401,17 @@ def _note_refiner(p) -> None:
 # --- installation ----------------------------------------------------------------------------------
 
 def _install(unet, job: ForgeJob) -> None:
-    """Add the gate, the row wrapper (batched) and the post-CFG function to ``unet`` (this job's clone)."""
+    """Add the gate, the row wrapper (batched, with the shared-prefix fork where the host has a route for
+    it) and the post-CFG function to ``unet`` (this job's clone)."""
     options = unet.model_options
+    job.fork_point = None
     if _mode(job) == "batched":
+        job.fork_point = forge_fork.fork_point(job.selection) if job.host.fork else None
+        if job.fork_point is not None and job.host.fork == "object_patch":
+            reason = forge_fork.install_object_patch(unet, lambda: job.live)
+            if reason is not None:
+                log.info("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
+                job.fork_point = None
         wrapper = _make_unet_wrapper(job, options.get("model_function_wrapper"))
         unet.set_model_unet_function_wrapper(wrapper)
         if job.host.gate == "pre_cfg":
@@ -500,6 +519,12 @@ def _make_unet_wrapper(job: ForgeJob, previous):
                    for key, value in c.items()}
         twinned["transformer_options"] = _call_options(job, c.get("transformer_options", {}), cond_or_uncond,
                                                        [e for e, _ in matches], rows, PagRows(mask))
+        if job.fork_point is not None:
+            to = twinned["transformer_options"]
+            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan(job.fork_point, total, index.cpu(),
+                                                          dict(c.get("transformer_options", {})))
+            if job.host.fork == "wrapper":
+                forge_fork.add_wrapper(to, lambda: job.live)
         new_args = dict(args)
         new_args.update(input=_twin(x, index, total), timestep=_twin(args["timestep"], index, total), c=twinned,
                         cond_or_uncond=cond_or_uncond + [0] * len(matches))

@@ -327,7 +327,8 @@ def test_wrapper_replaced_later_falls_back_to_a_separate_call(host):
             results.append(((x, sigma, uncond, cond, [[(0, 1.0)]], False), den(x, sigma, uncond, cond, [[(0, 1.0)]], 5.0)))
     check(host, params, results, 5.0, [3.0, 3.0])
     assert [how for *_, how in forge.job_of(p).log] == ["separate", "separate"]
-    assert forge.diffusion_model_of(p.sd_model) is host.unet
+    assert forge.diffusion_model_of(p.sd_model) is host.patcher.model.diffusion_model
+    assert forge.diffusion_model_of(p.sd_model).middle_block[1] is host.unet.middle_block[1]  # the same modules
 
 
 def test_end_makes_installed_functions_inert(host):

@@ -1,14 +1,11 @@
-"""A Forge/reForge-style UNet forward over the real ``ldm`` UNet's modules.
+"""The pieces of a Forge/reForge-style UNet over the real ``ldm`` UNet's modules.
 
-The ldm UNet has no ``transformer_options`` plumbing, so this walks its blocks the way the hosts'
+The ldm UNet has no ``transformer_options`` plumbing, so the doubles walk its blocks the way the hosts'
 own UNets do:
 
-- ``unet_forward`` mirrors Forge ``backend/nn/unet.py`` ``IntegratedUNet2DConditionModel.forward``
-  (and reForge ``ldm_patched/ldm/modules/diffusionmodules/openaimodel.py`` ``UNetModel._forward``):
-  ``transformer_options["original_shape"]``, ``["transformer_index"]``, ``["block"]`` =
-  ``("input", id)`` / ``("middle", 0)`` / ``("output", id)``, ControlNet residuals popped per block
-  (``apply_control``), then ``("last", 0)``;
-- ``block_forward`` mirrors ``TimestepEmbedSequential.forward`` / ``forward_timestep_embed``;
+- the UNet forwards themselves are in each double's host module (``forge2/backend/nn/unet.py``,
+  ``reforge/ldm_patched/ldm/modules/diffusionmodules/openaimodel.py``), over these pieces;
+- ``layer_forward`` mirrors one layer of ``TimestepEmbedSequential.forward`` / ``forward_timestep_embed``;
 - ``spatial_transformer_forward`` mirrors ``SpatialTransformer.forward`` (sets ``["block_index"]``), called
   with the module's forward (pre-)hooks, as the host's ``layer(x, context, transformer_options)`` does;
 - ``transformer_block_forward`` mirrors ``BasicTransformerBlock._forward``: ``extra_options`` =
@@ -17,70 +14,48 @@ own UNets do:
   ``patch(to_q(n), to_k(ctx), to_v(val), extra_options)`` followed by ``to_out``, ``attn1_output_patch``,
   then attn2 (replace lookup likewise) and the feed-forward.
 
-Not modelled: ``block_modifiers``/``block_inner_modifiers``, input/output block patches, gligen's
-``middle_patch``. The unpatched attn1 path calls the ldm module itself.
+Not modelled: gligen's ``middle_patch``, reForge's ``forward_timestep_embed_patch`` and video layers. The
+unpatched attn1 path calls the ldm module itself.
 """
 
 import torch
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import TimestepBlock, Upsample
-from ldm.modules.diffusionmodules.util import timestep_embedding
 
 
-def apply_control(h, control, name):
-    """Forge ``backend/nn/unet.py`` ``apply_control``: pop the next residual of that part and add it."""
-    if control is not None and name in control and len(control[name]) > 0:
-        ctrl = control[name].pop()
-        if ctrl is not None:
-            h = h + ctrl
-    return h
+CALLS = []  # rows of every UNet call (recorded by the doubles' apply_model), for tests
 
 
-CALLS = []  # rows of every UNet forward, for tests
+def layer_forward(layer, x, emb, context, to, attention, extra_keys, output_shape=None):
+    """One layer of a ``TimestepEmbedSequential`` as both hosts dispatch it (Forge ``backend/nn/unet.py``
+    ``TimestepEmbedSequential.forward``, reForge ``openaimodel.py`` ``forward_timestep_embed``), over ldm's
+    layer classes: ResBlock ``(x, emb)``, SpatialTransformer ``(x, context, transformer_options)`` as a
+    module call (its hooks run) then ``transformer_index += 1``, Upsample, anything else ``layer(x)``."""
+    if isinstance(layer, TimestepBlock):
+        return layer(x, emb)
+    if isinstance(layer, SpatialTransformer):
+        x = called_as_module(layer, spatial_transformer_forward, x, context, to, attention, extra_keys)
+        if "transformer_index" in to:
+            to["transformer_index"] += 1
+        return x
+    if isinstance(layer, Upsample):
+        return layer(x)  # ldm's Upsample doubles the size: the hosts' output_shape is that size here
+    return layer(x)
 
 
-def unet_forward(unet, x, timesteps, context=None, y=None, control=None, transformer_options=None, attention=None,
-                 extra_keys=None, **kwargs):
-    """``attention(q, k, v, heads, extra_options)``: the host's attention for value-patched attn1 calls."""
-    CALLS.append(x.shape[0])
-    to = transformer_options if transformer_options is not None else {}
-    to["original_shape"] = list(x.shape)
-    to["transformer_index"] = 0
-    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
-    if unet.num_classes is not None:
-        emb = emb + unet.label_emb(y)
-    hs = []
-    h = x
-    for i, module in enumerate(unet.input_blocks):
-        to["block"] = ("input", i)
-        h = block_forward(module, h, emb, context, to, attention, extra_keys)
-        h = apply_control(h, control, "input")
-        hs.append(h)
-    to["block"] = ("middle", 0)
-    h = block_forward(unet.middle_block, h, emb, context, to, attention, extra_keys)
-    h = apply_control(h, control, "middle")
-    for i, module in enumerate(unet.output_blocks):
-        to["block"] = ("output", i)
-        hsp = apply_control(hs.pop(), control, "output")
-        h = torch.cat([h, hsp], dim=1)
-        h = block_forward(module, h, emb, context, to, attention, extra_keys)
-    to["block"] = ("last", 0)
-    return unet.out(h).type(x.dtype)
-
-
-def block_forward(seq, x, emb, context, to, attention, extra_keys):
-    for layer in seq:
-        if isinstance(layer, TimestepBlock):
-            x = layer(x, emb)
-        elif isinstance(layer, SpatialTransformer):
-            x = called_as_module(layer, spatial_transformer_forward, x, context, to, attention, extra_keys)
-            if "transformer_index" in to:
-                to["transformer_index"] += 1
-        elif isinstance(layer, Upsample):
-            x = layer(x)
-        else:
-            x = layer(x)
-    return x
+def rehome(host_unet, ldm_unet, sequential):
+    """Give ``host_unet`` the ldm UNet's modules, its blocks as ``sequential`` (the host's block class with
+    the same children, so parameters are shared and attn1 paths stay ``input_blocks.4.1...``)."""
+    host_unet.model_channels = ldm_unet.model_channels
+    host_unet.num_classes = ldm_unet.num_classes
+    host_unet.dtype = ldm_unet.dtype
+    host_unet.time_embed = ldm_unet.time_embed
+    if ldm_unet.num_classes is not None:
+        host_unet.label_emb = ldm_unet.label_emb
+    host_unet.input_blocks = torch.nn.ModuleList([sequential(*block) for block in ldm_unet.input_blocks])
+    host_unet.middle_block = sequential(*ldm_unet.middle_block)
+    host_unet.output_blocks = torch.nn.ModuleList([sequential(*block) for block in ldm_unet.output_blocks])
+    host_unet.out = ldm_unet.out
 
 
 def called_as_module(module, forward, x, context, to, *rest):

@@ -5,7 +5,7 @@
 - ``Forge2Denoiser``: mirrors Forge ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser.forward`` (HEAD)
   after the conds are reconstructed: hires CFG, skip-early/NGMS set ``cond_scale = 1``, then
   ``backend.sampling.sampling_function.sampling_function(self, denoiser_params, cond_scale, cond_composition)``,
-  ``step += 1``;
+  ``step += 1``; at the first call ``sampling_prepare`` (loading the pass's patcher: object patches set);
 - ``ReForgeDenoiser``: mirrors reForge ``CFGDenoiser.forward`` + ``modules_forge/forge_sampler.py``
   (``cond_from_a1111_to_patched_ldm(_weighted)``): skip-uncond → ``sampling_function(model, x, σ, None, cond, 1.0)``;
 - ``Processing``: a ``p`` with the fields PAG reads, and ``sample_pass`` mirroring the hook order of
@@ -45,8 +45,10 @@ class Forge2Denoiser:
         self.inner_model = SimpleNamespace(inner_model=p.sd_model)
 
     def __call__(self, x, sigma, uncond, cond, cond_composition, cond_scale, image_cond=None, skip_uncond=False):
-        from backend.sampling.sampling_function import sampling_function
+        from backend.sampling.sampling_function import sampling_function, sampling_prepare
 
+        if self.step == 0:  # the sampler's run starts: Forge loads the pass's UNet patcher
+            sampling_prepare(self.inner_model.inner_model.forge_objects.unet, x)
         params = DenoiserParams(x=x, image_cond=image_cond, sigma=sigma, text_cond=cond, text_uncond=uncond)
         if self.p.is_hr_pass:
             cond_scale = self.p.hr_cfg

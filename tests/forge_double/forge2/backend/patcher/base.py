@@ -31,6 +31,21 @@ def set_model_options_pre_cfg_function(model_options, pre_cfg_function, disable_
     return model_options
 
 
+def _get_attr(obj, attr):
+    """Mirrors ``backend/utils.py`` ``get_attr`` (dotted names)."""
+    for name in attr.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set_attr_raw(obj, attr, value):
+    """Mirrors ``backend/utils.py`` ``set_attr_raw`` (dotted names)."""
+    names = attr.split(".")
+    for name in names[:-1]:
+        obj = getattr(obj, name)
+    setattr(obj, names[-1], value)
+
+
 class ModelPatcher:
     """Mirrors ``ModelPatcher``: ``clone()`` deep-copies ``model_options``; setters write the patcher's own dict."""
 
@@ -39,6 +54,7 @@ class ModelPatcher:
         self.load_device, self.offload_device, self.size, self.current_device = load_device, offload_device, size, current_device
         self.patches = {}
         self.object_patches = {}
+        self.object_patches_backup = {}
         self.model_options = {"transformer_options": {}}
 
     def clone(self):
@@ -47,6 +63,29 @@ class ModelPatcher:
         n.object_patches = self.object_patches.copy()
         n.model_options = copy.deepcopy(self.model_options)
         return n
+
+    def is_clone(self, other):
+        """Mirrors ``ModelPatcher.is_clone``: the same model object."""
+        return hasattr(other, "model") and self.model is other.model
+
+    def add_object_patch(self, name, obj):
+        """Mirrors ``ModelPatcher.add_object_patch``: set on the model while this patcher is loaded."""
+        self.object_patches[name] = obj
+
+    def forge_patch_model(self, target_device=None):
+        """Mirrors ``forge_patch_model``: each object patch set with ``utils.set_attr_raw``, the old value kept."""
+        for k, item in self.object_patches.items():
+            old = _get_attr(self.model, k)
+            if k not in self.object_patches_backup:
+                self.object_patches_backup[k] = old
+            _set_attr_raw(self.model, k, item)
+        return self.model
+
+    def forge_unpatch_model(self, target_device=None):
+        """Mirrors ``forge_unpatch_model``: the kept values set back (an instance attribute stays)."""
+        for k in list(self.object_patches_backup.keys()):
+            _set_attr_raw(self.model, k, self.object_patches_backup[k])
+        self.object_patches_backup = {}
 
     def memory_required(self, input_shape):
         return self.model.memory_required(input_shape=input_shape)

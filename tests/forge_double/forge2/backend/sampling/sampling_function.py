@@ -171,3 +171,11 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):
     for modifier in model_options.get("conditioning_modifiers", []):
         model, x, timestep, uncond, cond, cond_scale, model_options, _ = modifier(model, x, timestep, uncond, cond, cond_scale, model_options, None)
     return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, None, return_full=True)
+
+
+def sampling_prepare(unet, x):
+    """Mirrors ``sampling_prepare``'s loading: ``load_models_gpu([unet])`` (object patches set), once per
+    sampler run (``modules/sd_samplers_kdiffusion.py`` calls it before sampling)."""
+    from backend import memory_management
+
+    memory_management.load_models_gpu(models=[unet])

@@ -1,0 +1,337 @@
+"""Shared-prefix fork on Forge 2 and reForge, through their UNet patcher API.
+
+In batched mode the perturbed twins ride in the host's cond/uncond UNet call (``lib_pag.forge``). A twin
+has the same ``x``, timestep, conditioning, ``y`` and ControlNet residuals as the host row it copies, and
+nothing before the first perturbed attn1 treats it differently — so, as on A1111 (``lib_pag.fork``), the
+blocks before that point run on the host's own rows only and their ``h``, skip tensors and ``emb`` are
+copied into the twins' places; the rest of the UNet runs on the whole batch.
+
+How it reaches the UNet, each host through its own patcher API (no host function is replaced):
+
+- **Forge 2** (``backend/nn/unet.py``): an object patch ``diffusion_model.forward`` on this job's clone of
+  the UNet patcher (``ModelPatcher.add_object_patch``); the patcher sets it when it loads the model and
+  puts the old value back when it unloads it. It forks only the UNet calls that carry a ``ForkPlan`` in
+  their ``transformer_options`` (key ``FORK_KEY``) and passes every other call to the class forward.
+- **reForge** (``ldm_patched/ldm/modules/diffusionmodules/openaimodel.py``): a ``DIFFUSION_MODEL`` wrapper
+  (``ldm_patched/modules/patcher_extension.py``) in the ``transformer_options`` of the twinned UNet call
+  only, added after any other wrapper (so it is the innermost and every other wrapper still runs).
+
+The walk mirrors the host's UNet forward statement for statement (``IntegratedUNet2DConditionModel.forward``
+of Forge 2, ``UNetModel._forward`` of reForge): block modifiers, ``emb_patch``, ``input_block_patch``,
+``input_block_patch_after_skip``, ``output_block_patch``, ``group_norm_wrapper``, ControlNet residuals; every
+block is called as the host calls it. The prefix sees the host's own ``transformer_options`` (its rows, no
+twins); the rest the twinned call's. It runs only when the UNet's forward is one of those two functions
+and uses no name or key the walk does not mirror (checked on the function's code, so a changed host
+forward turns the fork off rather than being half-mirrored); otherwise the call runs the host's forward
+unchanged, with a DEBUG line naming why. The fork point is a block boundary: before ``middle_block`` or
+before ``output_blocks[i]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+import weakref
+
+import torch
+
+from .fork import DISABLE_ENV, ForkPoint, _is_own_bound_forward, _same_inputs, _take, first_perturbed_stage
+from .layers import LayerSelection
+
+log = logging.getLogger("sd_webui_pag")
+
+FORK_KEY = "pag_fork"  # transformer_options key of a UNet call whose twins may share the prefix
+OBJECT_PATCH = "diffusion_model.forward"  # Forge 2: the patcher key of PAG's forward
+WRAPPER_KEY = "pag_fork"  # reForge: the key of PAG's DIFFUSION_MODEL wrapper
+DIFFUSION_MODEL = "diffusion_model"  # reForge: WrappersMP.DIFFUSION_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class HostForward:
+    """A host UNet forward the walk mirrors: where it is defined and every name and key it uses."""
+
+    flavor: str  # "forge2" | "reforge"
+    module: str
+    qualname: str
+    keys: frozenset  # identifier-like string constants (transformer_options keys, block names)
+    names: frozenset  # attribute and global names (co_names)
+
+
+FORGE2_FORWARD = HostForward(
+    "forge2", "backend.nn.unet", "IntegratedUNet2DConditionModel.forward",
+    frozenset({"after", "before", "block", "block_modifiers", "group_norm_wrapper", "input", "input_block_patch",
+               "input_block_patch_after_skip", "middle", "original_shape", "output", "output_block_patch", "patches",
+               "transformer_index"}),
+    frozenset({"append", "apply_control", "cat", "dtype", "enumerate", "get", "input_blocks", "label_emb", "len",
+               "list", "middle_block", "model_channels", "num_classes", "out", "output_blocks", "pop", "shape",
+               "time_embed", "timestep_embedding", "to", "torch", "type"}),
+)
+REFORGE_FORWARD = HostForward(
+    "reforge", "ldm_patched.ldm.modules.diffusionmodules.openaimodel", "UNetModel._forward",
+    frozenset({"block", "emb_patch", "image_only_indicator", "input", "input_block_patch",
+               "input_block_patch_after_skip", "middle", "num_video_frames", "original_shape", "output",
+               "output_block_patch", "patches", "time_context", "transformer_index"}),
+    frozenset({"append", "apply_control", "cat", "default_num_video_frames", "dtype", "enumerate",
+               "forward_timestep_embed", "get", "id_predictor", "input_blocks", "label_emb", "len", "list",
+               "middle_block", "model_channels", "num_classes", "out", "output_blocks", "pop",
+               "predict_codebook_ids", "shape", "th", "time_embed", "timestep_embedding", "to", "type"}),
+)
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CHECKED: dict = {}  # function -> None (mirrored) | reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ForkPlan:
+    """What one twinned UNet call needs to fork: ``host_rows`` rows of the host, then one twin per entry of
+    ``source`` (the host row it copies, CPU long); ``prefix_options``: the host's own transformer_options
+    of the call (its rows, no twins, no PAG patches)."""
+
+    point: ForkPoint
+    host_rows: int
+    source: torch.Tensor
+    prefix_options: dict
+
+    @property
+    def rows(self) -> int:
+        return self.host_rows + int(self.source.numel())
+
+
+def fork_point(selection: LayerSelection | None) -> ForkPoint | None:
+    """The block boundary to fork at, or None (no layers, a down-path layer first, or turned off)."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    point = first_perturbed_stage(selection)
+    if point is not None and point.part == "middle":
+        point = ForkPoint("middle", 0)  # the walk splits at block boundaries only
+    return point
+
+
+def unmirrored(function, host: HostForward) -> str | None:
+    """Why ``function`` is not the host forward the walk mirrors, or None when it is."""
+    if function in _CHECKED:
+        return _CHECKED[function]
+    code = getattr(function, "__code__", None)
+    if (code is None or getattr(function, "__qualname__", "") != host.qualname
+            or getattr(function, "__module__", "") != host.module):
+        reason = (f"the UNet forward is {getattr(function, '__module__', '?')}."
+                  f"{getattr(function, '__qualname__', function)}, not {host.module}.{host.qualname}")
+    else:
+        keys = {c for c in _constants(code) if _IDENTIFIER.match(c)}
+        extra = sorted((keys - host.keys) | (set(code.co_names) - host.names))
+        reason = f"the host's UNet forward uses {', '.join(extra)}, which PAG's fork does not mirror" if extra else None
+    _CHECKED[function] = reason
+    return reason
+
+
+def _constants(code):
+    for c in code.co_consts:
+        if isinstance(c, str):
+            yield c
+        elif hasattr(c, "co_consts"):
+            yield from _constants(c)
+
+
+# --- the walk ----------------------------------------------------------------------------------------
+
+def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, context=None, y=None, control=None,
+                   transformer_options=None, **kwargs):
+    """The host forward's output for this call, its prefix run on the host's rows only; None to decline.
+
+    ``x``: ``[N, C, H, W]`` with N = ``plan.rows`` (or k·N: k tiles of the call stacked tile-major, as
+    Forge's MultiDiffusion does). Declines (the caller runs the host forward) when the forward is not
+    the mirrored one, the rows do not fit the plan, or a twin's inputs differ from its source row's.
+    """
+    function = getattr(type(unet), "forward" if host.flavor == "forge2" else "_forward", None)
+    reason = unmirrored(function, host)
+    if reason is None and getattr(unet, "predict_codebook_ids", False):
+        reason = "the UNet predicts codebook ids"
+    if reason is None and plan.point.part == "output" and not 0 <= plan.point.index < len(unet.output_blocks):
+        reason = f"{plan.point} does not exist"
+    n = int(x.shape[0])
+    if reason is None and (n % plan.rows or not plan.source.numel()):
+        reason = f"a UNet call of {n} rows does not fit the {plan.rows} rows of the twinned batch"
+    if reason is not None:
+        log.debug("PAG fork off: %s", reason)
+        return None
+    tiles = n // plan.rows
+    keep, gather = _rows(plan, tiles)
+    full = (x, timesteps, context, y, control, kwargs)
+    twins = [(t * plan.rows + plan.host_rows + i, t * plan.rows + int(s))
+             for t in range(tiles) for i, s in enumerate(plan.source.tolist())]
+    for twin, src in twins:
+        if not _same_inputs(full, n, twin, src):
+            log.debug("PAG fork off: row %d's inputs differ from its source row %d", twin, src)
+            return None
+    log.debug("PAG fork before %s: prefix on %d of %d rows", plan.point, keep.numel(), n)
+    return _walk(unet, host.flavor == "forge2", sys.modules[type(unet).__module__], plan.point, keep.to(x.device),
+                 gather.to(x.device), full, dict(plan.prefix_options), transformer_options if transformer_options is not None else {})
+
+
+def _rows(plan: ForkPlan, tiles: int):
+    """(rows that run the prefix, for every row of the call its row in the prefix batch), CPU long."""
+    per_tile = torch.cat([torch.arange(plan.host_rows), plan.source.long()])
+    keep = torch.cat([torch.arange(plan.host_rows) + t * plan.rows for t in range(tiles)])
+    gather = torch.cat([per_tile + t * plan.host_rows for t in range(tiles)])
+    return keep, gather
+
+
+class _Segment:
+    """The rows one part of the walk runs on: its inputs and transformer_options."""
+
+    def __init__(self, x, context, control, options, kwargs):
+        self.x, self.context, self.control, self.options, self.kwargs = x, context, control, options, kwargs
+        self.patches = options.get("patches", {})
+        self.modifiers = options.get("block_modifiers", [])
+
+
+def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_options: dict, options: dict):
+    x, timesteps, context, y, control, kwargs = full
+    n = int(x.shape[0])
+    xk, tk, ck, yk, control_k, kwargs_k = (_take(v, keep, n) for v in full)
+    seg = _Segment(xk, ck, control_k, prefix_options, kwargs_k)
+    seg.options["original_shape"] = list(xk.shape)
+    seg.options["transformer_index"] = 0
+
+    def modify(h, when):
+        for modifier in seg.modifiers if forge2 else ():
+            h = modifier(h, when, seg.options)
+        return h
+
+    def block(module, h, emb, output_shape=None, last=False):
+        if forge2:
+            if last:  # output blocks get output_shape
+                return module(h, emb, seg.context, seg.options, output_shape)
+            return module(h, emb, seg.context, seg.options)
+        kw = seg.kwargs
+        return mod.forward_timestep_embed(module, h, emb, seg.context, seg.options, output_shape,
+                                          time_context=kw.get("time_context", None),
+                                          num_video_frames=kw.get("num_video_frames", unet.default_num_video_frames),
+                                          image_only_indicator=kw.get("image_only_indicator", None))
+
+    def fork(h, hs, emb):
+        nonlocal seg
+        kept = int(h.shape[0])
+        index = seg.options.get("transformer_index", 0)
+        seg = _Segment(x, context, control, options, kwargs)
+        seg.options["original_shape"] = list(x.shape)
+        seg.options["transformer_index"] = index
+        return _take(h, gather, kept), [_take(t, gather, kept) for t in hs], _take(emb, gather, kept)
+
+    t_emb = mod.timestep_embedding(tk, unet.model_channels, repeat_only=False).to(xk.dtype)
+    emb = unet.time_embed(t_emb)
+    if not forge2:
+        for patch in seg.patches.get("emb_patch", []):
+            emb = patch(emb, unet.model_channels, seg.options)
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(yk)
+    h, hs = xk, []
+    for i, module in enumerate(unet.input_blocks):
+        seg.options["block"] = ("input", i)
+        h = modify(h, "before")
+        h = block(module, h, emb)
+        h = mod.apply_control(h, seg.control, "input")
+        h = modify(h, "after")
+        for patch in seg.patches.get("input_block_patch", []):
+            h = patch(h, seg.options)
+        hs.append(h)
+        for patch in seg.patches.get("input_block_patch_after_skip", []):
+            h = patch(h, seg.options)
+    if point.part == "middle":
+        h, hs, emb = fork(h, hs, emb)
+    seg.options["block"] = ("middle", 0)
+    h = modify(h, "before")
+    if forge2 or unet.middle_block is not None:
+        h = block(unet.middle_block, h, emb)
+    h = mod.apply_control(h, seg.control, "middle")
+    h = modify(h, "after")
+    for i, module in enumerate(unet.output_blocks):
+        if point.part == "output" and point.index == i:
+            h, hs, emb = fork(h, hs, emb)
+        seg.options["block"] = ("output", i)
+        hsp = hs.pop()
+        hsp = mod.apply_control(hsp, seg.control, "output")
+        for patch in seg.patches.get("output_block_patch", []):
+            h, hsp = patch(h, hsp, seg.options)
+        h = torch.cat([h, hsp], dim=1)
+        del hsp
+        output_shape = hs[-1].shape if len(hs) > 0 else None
+        h = modify(h, "before")
+        h = block(module, h, emb, output_shape, last=True)
+        h = modify(h, "after")
+    if forge2:
+        seg.options["block"] = ("last", 0)
+        h = modify(h, "before")
+        if "group_norm_wrapper" in seg.options:
+            h = seg.options["group_norm_wrapper"](unet.out[0], h, seg.options)
+            h = unet.out[1:](h)
+        else:
+            h = unet.out(h)
+        h = modify(h, "after")
+        return h.type(x.dtype)
+    return unet.out(h.type(x.dtype))
+
+
+# --- how it reaches the UNet -------------------------------------------------------------------------
+
+def install_object_patch(patcher, live) -> str | None:
+    """Forge 2: add PAG's ``diffusion_model.forward`` object patch to ``patcher`` (this job's clone).
+
+    ``live()``: whether the job still wants forking. Returns None when installed, else why not (another
+    object patch on that key, or someone else's instance forward on the UNet: both are left alone).
+    """
+    unet = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if unet is None or not hasattr(patcher, "add_object_patch"):
+        return "the UNet patcher has no object patches"
+    if OBJECT_PATCH in getattr(patcher, "object_patches", {}):
+        return f"another object patch on {OBJECT_PATCH}"
+    own = unet.__dict__.get("forward")
+    if own is not None and not getattr(own, "__pag_fork__", False) and not _is_own_bound_forward(unet, own):
+        return f"the UNet has an instance forward ({getattr(own, '__qualname__', type(own).__name__)})"
+    unet_ref = weakref.ref(unet)
+
+    def forward(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        module = unet_ref()
+        plan = transformer_options.get(FORK_KEY) if isinstance(transformer_options, dict) else None
+        if plan is not None and live():
+            out = forked_forward(module, FORGE2_FORWARD, plan, x, timesteps, context, y, control,
+                                 transformer_options, **kwargs)
+            if out is not None:
+                return out
+        return type(module).forward(module, x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    forward.__pag_fork__ = True
+    patcher.add_object_patch(OBJECT_PATCH, forward)
+    return None
+
+
+def add_wrapper(options: dict, live) -> None:
+    """reForge: PAG's DIFFUSION_MODEL wrapper, innermost, in this UNet call's ``transformer_options``
+    (``options``, the call's own copy; the nested dicts are copied, never changed in place)."""
+
+    def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        plan = transformer_options.get(FORK_KEY) if isinstance(transformer_options, dict) else None
+        innermost = getattr(executor, "idx", -1) + 1 == len(getattr(executor, "wrappers", ()))
+        if plan is not None and live():
+            if not innermost:
+                log.debug("PAG fork off: another DIFFUSION_MODEL wrapper runs inside PAG's")
+            else:
+                out = forked_forward(executor.class_obj, REFORGE_FORWARD, plan, x, timesteps, context, y, control,
+                                     transformer_options, **kwargs)
+                if out is not None:
+                    return out
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    wrapper.__pag_fork__ = True
+    wrappers = dict(options.get("wrappers", {}))
+    of_type = dict(wrappers.get(DIFFUSION_MODEL, {}))
+    of_type.pop(WRAPPER_KEY, None)
+    of_type[WRAPPER_KEY] = [wrapper]
+    wrappers[DIFFUSION_MODEL] = of_type
+    options["wrappers"] = wrappers
+
+
+__all__ = ["FORGE2_FORWARD", "FORK_KEY", "ForkPlan", "HostForward", "REFORGE_FORWARD", "add_wrapper", "fork_point",
+           "forked_forward", "install_object_patch", "unmirrored"]
