@@ -22,6 +22,14 @@ k-diffusion ``CompVisDenoiser`` and the UNet.
 ``unet``: the UNet calls alone, built with the extension's row layouts, the real ``AttentionPatch``/
 ``RowMarks`` and ``lib_pag.fork`` (no WebUI, no sampler).
 
+``forge2`` / ``reforge``: one denoiser step of real jobs on the Forge 2 / reForge doubles
+(``tests/forge_double``): ``lib_pag.forge.apply`` installs PAG on a clone of the host's UNet patcher as
+``process_before_every_sampling`` does, the step runs the host's sampling function, patcher, UNet class
+(its forward mirrored over the same UNet's modules) and attention; configurations cfg, batched
+(``SD_WEBUI_PAG_NO_FORK=1``), batched+fork (``lib_pag.forge_fork``), separate. ``--path`` takes a comma
+list, e.g. ``extension,forge2,reforge`` times the three hosts on the same UNet in one run and prints a
+``RATIO[<path>]`` line for each.
+
 Defaults (CPU, reduced widths, real SD1.5 / SDXL block layouts) finish in under 3 minutes on 2 cores.
 On a GPU: ``--device cuda --fp16 --full-sdxl`` (SDXL at its real sizes, random weights; ``--full-sd15``
 likewise). ``--dry-run`` builds every model and configuration with tiny widths and runs one step of
@@ -54,9 +62,17 @@ for p in (ROOT, ROOT / "tests"):
 
 from lib_pag import AttentionPatch, RowMarks, build_catalog, resolve_layers  # noqa: E402
 from lib_pag.fork import DISABLE_ENV, first_perturbed_stage, forking, register_original_forward  # noqa: E402
+from lib_pag.forge_fork import fork_point  # noqa: E402
 from lib_pag.rows import perturbed_mask  # noqa: E402
 
 CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+fork")
+PATHS = {
+    "extension": "extension: one denoiser step (CFGDenoiser + scripts/pag.py + k-diffusion wrapper + UNet) of real "
+                 "txt2img jobs on the A1111 1.10 double",
+    "unet": "unet: the UNet calls of one step, extension row layouts + AttentionPatch + lib_pag.fork",
+    "forge2": "forge2: one denoiser step (sampling function + patcher + lib_pag.forge + UNet) on the Forge 2 double",
+    "reforge": "reforge: one denoiser step (sampling function + patcher + lib_pag.forge + UNet) on the reForge double",
+}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -295,7 +311,8 @@ def row_probe(unet):
         if calls:
             calls[-1][1] += int(args[0].shape[0])
 
-    hooks = [unet.register_forward_pre_hook(on_unet), unet.input_blocks[0].register_forward_pre_hook(on_first_block)]
+    # the first input block's conv: every host calls it as a module (reForge runs its blocks as functions)
+    hooks = [unet.register_forward_pre_hook(on_unet), unet.input_blocks[0][0].register_forward_pre_hook(on_first_block)]
     try:
         yield calls
     finally:
@@ -494,11 +511,133 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
 
 # --- main -----------------------------------------------------------------------------------------
 
+
+# --- forge2 / reforge paths: denoiser steps through the Forge-family host doubles --------------------
+
+FORGE_CONFIGS = ("cfg", "batched", "batched+fork", "separate")
+
+
+class SdxlConds(dict):
+    """SDXL conds as the WebUI hands them over (``DictWithShape``): indexing with a list of rows slices both."""
+
+    def __getitem__(self, key):
+        if isinstance(key, list):
+            return SdxlConds({k: v[key] for k, v in self.items()})
+        return super().__getitem__(key)
+
+
+@contextmanager
+def forge_host(kind):
+    """Put one Forge-family double (``tests/forge_double/<kind>``) on sys.path; PAG detects that host."""
+    from lib_pag import forge
+
+    root = str(ROOT / "tests" / "forge_double" / kind)
+
+    def purge():
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in ("backend", "ldm_patched"):
+                del sys.modules[mod]
+
+    purge()
+    sys.path.insert(0, root)
+    try:
+        if forge.detect_host(refresh=True) != kind:
+            raise SystemExit(f"could not load the {kind} double from {root}")
+        yield forge
+    finally:
+        sys.path.remove(root)
+        purge()
+        forge.detect_host(refresh=True)
+
+
+def bench_model_forge(name, unet, sizes, args, device, dtype, kind):
+    """One denoiser step of real jobs on the Forge 2 / reForge double (``tests/forge_double``): ``lib_pag.forge``
+    installed by ``apply`` as the host's ``process_before_every_sampling`` does, the host's sampling function,
+    patcher, UNet class (its forward mirrored over this UNet's modules) and attention."""
+    from lib_pag.params import PagParams
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = []
+    with forge_host(kind) as forge:
+        from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel
+
+        if kind == "forge2":
+            from backend.modules.k_model import KModel
+            from backend.patcher.unet import UnetPatcher
+
+            patcher, denoiser = UnetPatcher(KModel(unet)), Forge2Denoiser
+        else:
+            from ldm_patched.modules.model_base import BaseModel
+            from ldm_patched.modules.model_patcher import ModelPatcher
+
+            patcher, denoiser = ModelPatcher(BaseModel(unet)), ReForgeDenoiser
+        host_unet = patcher.model.diffusion_model
+        catalog = build_catalog(host_unet)
+        g = torch.Generator().manual_seed(0)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        b = args.batch
+        x = rnd(b, 4, sizes.latent, sizes.latent)
+        cond, uncond = rnd(b, sizes.tokens, sizes.context_dim), rnd(b, sizes.tokens, sizes.context_dim)
+        if sizes.adm:
+            cond, uncond = SdxlConds(crossattn=cond, vector=rnd(b, sizes.adm)), SdxlConds(crossattn=uncond, vector=rnd(b, sizes.adm))
+        sigma = torch.full((b,), 2.0, device=device)
+        conds_list = [[(i, 1.0)] for i in range(b)]
+        try:
+            for spec in args.layers:
+                os.environ.pop(DISABLE_ENV, None)
+                point = fork_point(resolve_layers(spec, catalog))  # Forge's fork splits at block boundaries
+                names = [c for c in FORGE_CONFIGS if point is not None or "fork" not in c]
+                dens = {}
+                for c in names:
+                    params = PagParams(enabled=c != "cfg", scale=3.0, layers=spec,
+                                       mode="separate" if c == "separate" else "batched")
+                    if c == "batched":
+                        os.environ[DISABLE_ENV] = "1"  # read when the job installs itself
+                    else:
+                        os.environ.pop(DISABLE_ENV, None)
+                    p = Processing(SdModel(patcher), [params.to_dict()], denoiser, steps=args.steps)
+                    den = p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
+                    den.total_steps = args.steps
+                    dens[c] = den
+                os.environ.pop(DISABLE_ENV, None)
+
+                def step(c):
+                    den = dens[c]
+                    den.step = 0  # the first step of the job each time (and Forge 2 loads this job's patcher)
+                    with torch.no_grad():
+                        sync()
+                        t0 = clock()
+                        out = den(x, sigma, uncond, cond, conds_list, 5.0)
+                        sync()
+                    return clock() - t0, out
+
+                layouts, outs = {}, {}
+                for c in names:  # warm-up, with the rows of each UNet call recorded
+                    with row_probe(host_unet) as calls:
+                        outs[c] = step(c)[1]
+                    layouts[c] = describe_rows(calls)
+                times = {c: [] for c in names}
+                for _ in range(args.repeats):
+                    for c in names:
+                        times[c].append(step(c)[0])
+                err = relative_difference(outs["batched"], outs["batched+fork"]) if point is not None else None
+                results.append((f"{name} [{kind} double]", spec, point, {c: statistics.median(v) for c, v in times.items()},
+                                {}, err, {"rows": layouts, "pag_effect": relative_difference(outs["cfg"], outs["batched"])}))
+        finally:
+            os.environ.pop(DISABLE_ENV, None)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--path", choices=("extension", "unet"), default="extension",
-                    help="extension: denoiser steps of real txt2img jobs on the A1111 double (default); "
-                         "unet: the UNet calls alone")
+    ap.add_argument("--path", default="extension",
+                    help="comma list: extension (denoiser steps of real txt2img jobs on the A1111 double, default), "
+                         "forge2 / reforge (denoiser steps on the Forge 2 / reForge doubles), unet (the UNet calls "
+                         "alone); e.g. extension,forge2,reforge times every host side by side")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp16", action="store_true", help="half precision (autocast on CUDA, like A1111)")
     ap.add_argument("--full-sdxl", action="store_true", help="SDXL at its real sizes (320 ch, 2048 ctx, 128² latent)")
@@ -521,6 +660,10 @@ def main(argv=None):
                     help="tiny widths, one timed step: check that a flag combination builds and runs "
                          "(on the CPU when CUDA is missing)")
     args = ap.parse_args(argv)
+    paths = [x.strip() for x in args.path.split(",") if x.strip()]
+    unknown = [x for x in paths if x not in PATHS]
+    if unknown or not paths:
+        ap.error(f"--path: {', '.join(unknown) or 'empty'}; allowed: {', '.join(PATHS)}")
 
     device = torch.device(args.device)
     note = ""
@@ -532,7 +675,7 @@ def main(argv=None):
     weights = dtype  # the UNet's parameters: fp16 like A1111 with --fp16
     if dtype != torch.float32 and device.type == "cpu":  # a dry run: CPU group_norm wants fp32 parameters
         weights = torch.float32
-        note += f"; fp32 weights, autocast to {dtype if args.path == 'unet' else torch.get_autocast_dtype('cpu')} on the CPU"
+        note += f"; fp32 weights, autocast to {dtype if paths == ['unet'] else torch.get_autocast_dtype('cpu')} on the CPU"
     torch.set_num_threads(args.threads)
     if args.clock == "auto":
         args.clock = "wall" if device.type == "cuda" or args.threads != 1 else "cpu"
@@ -542,9 +685,7 @@ def main(argv=None):
     mem_note = ("torch.cuda.max_memory_allocated above the level before the step" if device.type == "cuda" else
                 "peak RSS above the level before the step, sampled from /proc every 0.5 ms, glibc set to unmap "
                 "freed tensors at once" if sampler.available else "n/a (no /proc)")
-    what = ("extension: one denoiser step (CFGDenoiser + scripts/pag.py + k-diffusion wrapper + UNet) of real "
-            "txt2img jobs on the A1111 1.10 double" if args.path == "extension" else
-            "unet: the UNet calls of one step, extension row layouts + AttentionPatch + lib_pag.fork")
+    what = "; ".join(PATHS[x] for x in paths)
     print(f"torch {torch.__version__}, device {device}{note}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
           f"threads {torch.get_num_threads()}, batch {args.batch} image(s), {args.repeats} timed steps each, "
@@ -552,7 +693,7 @@ def main(argv=None):
     print(f"path {what}")
     print(f"memory: {mem_note}")
 
-    webui = import_webui(device, dtype) if args.path == "extension" else None
+    webui = import_webui(device, dtype) if "extension" in paths else None
     saved_env = os.environ.get(DISABLE_ENV)
     everything = []
     try:
@@ -564,12 +705,16 @@ def main(argv=None):
             label = (f"{name}{'' if sizes.full else '-shaped'}{' (dry run)' if args.dry_run else ''} "
                      f"({params:.0f}M params, model_channels {unet.model_channels}, latent {sizes.latent}², "
                      f"{sizes.tokens} tokens)")
-            if args.path == "extension":
-                model = wrap_model(name, unet, sizes, device)
-                results = bench_model_extension(label, model, sizes, args, device, sampler, webui)
-                del model
-            else:
-                results = bench_model_unet(label, unet, sizes, args, device, dtype, sampler)
+            results = []
+            for path in paths:
+                if path == "extension":
+                    model = wrap_model(name, unet, sizes, device)
+                    results += bench_model_extension(label, model, sizes, args, device, sampler, webui)
+                    del model
+                elif path == "unet":
+                    results += bench_model_unet(label, unet, sizes, args, device, dtype, sampler)
+                else:
+                    results += bench_model_forge(label, unet, sizes, args, device, dtype, path)
             everything += results
             print_table(results)
             print(f"  ({time.perf_counter() - t0:.0f} s)")
@@ -583,14 +728,26 @@ def main(argv=None):
         else:
             os.environ[DISABLE_ENV] = saved_env
 
+    def ratio_line(rows):
+        if not rows:
+            return "fork=n/a batched=n/a separate=n/a"
+        times = rows[-1][3]
+        cfg = times["cfg"]
+        return (f"fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} "
+                f"separate={times['separate'] / cfg:.2f}")
+
     first = [r for r in everything if r[1] == args.layers[0] and r[2] is not None]
-    if not first:
-        print("RATIO fork=n/a batched=n/a separate=n/a")
-        return
-    times = first[-1][3]
-    cfg = times["cfg"]
-    print(f"RATIO fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} "
-          f"separate={times['separate'] / cfg:.2f}")
+
+    def of_path(path):
+        forge_path = path in ("forge2", "reforge")
+        return [r for r in first if (f"[{path} double]" in r[0]) if forge_path] if forge_path else \
+            [r for r in first if "double]" not in r[0]]
+
+    if len(paths) > 1:  # a side-by-side run: one line per path, then the first path's as RATIO
+        for path in paths:
+            print(f"RATIO[{path}] {ratio_line(of_path(path))}")
+    first = of_path(paths[0])
+    print(f"RATIO {ratio_line(first)}")
 
 
 def fmt_mem(b):

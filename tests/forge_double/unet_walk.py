@@ -19,8 +19,6 @@ unpatched attn1 path calls the ldm module itself.
 """
 
 import torch
-from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.openaimodel import TimestepBlock, Upsample
 
 
 CALLS = []  # rows of every UNet call (recorded by the doubles' apply_model), for tests
@@ -29,18 +27,23 @@ CALLS = []  # rows of every UNet call (recorded by the doubles' apply_model), fo
 def layer_forward(layer, x, emb, context, to, attention, extra_keys, output_shape=None):
     """One layer of a ``TimestepEmbedSequential`` as both hosts dispatch it (Forge ``backend/nn/unet.py``
     ``TimestepEmbedSequential.forward``, reForge ``openaimodel.py`` ``forward_timestep_embed``), over ldm's
-    layer classes: ResBlock ``(x, emb)``, SpatialTransformer ``(x, context, transformer_options)`` as a
+    (or the sgm double's) layer classes, told apart by class name: ResBlock ``(x, emb)``, SpatialTransformer
+    ``(x, context, transformer_options)`` as a
     module call (its hooks run) then ``transformer_index += 1``, Upsample, anything else ``layer(x)``."""
-    if isinstance(layer, TimestepBlock):
+    kinds = _kinds(layer)
+    if "TimestepBlock" in kinds:
         return layer(x, emb)
-    if isinstance(layer, SpatialTransformer):
+    if "SpatialTransformer" in kinds:
         x = called_as_module(layer, spatial_transformer_forward, x, context, to, attention, extra_keys)
         if "transformer_index" in to:
             to["transformer_index"] += 1
         return x
-    if isinstance(layer, Upsample):
-        return layer(x)  # ldm's Upsample doubles the size: the hosts' output_shape is that size here
-    return layer(x)
+    return layer(x)  # Upsample (ldm's doubles the size: the hosts' output_shape is that size here) and the rest
+
+
+def _kinds(layer):
+    """The class names of ``layer``'s type and bases: ldm's classes and the sgm double's (SDXL) alike."""
+    return {cls.__name__ for cls in type(layer).__mro__}
 
 
 def rehome(host_unet, ldm_unet, sequential):
@@ -48,7 +51,7 @@ def rehome(host_unet, ldm_unet, sequential):
     the same children, so parameters are shared and attn1 paths stay ``input_blocks.4.1...``)."""
     host_unet.model_channels = ldm_unet.model_channels
     host_unet.num_classes = ldm_unet.num_classes
-    host_unet.dtype = ldm_unet.dtype
+    host_unet.dtype = getattr(ldm_unet, "dtype", None)
     host_unet.time_embed = ldm_unet.time_embed
     if ldm_unet.num_classes is not None:
         host_unet.label_emb = ldm_unet.label_emb
