@@ -26,6 +26,7 @@ import torch
 
 from .errors import PagError
 from .fork import forking
+from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
 from .job import NEVER_CALLED, announce_refusal, check_neighbors, read_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
@@ -72,6 +73,7 @@ class Job:
     # this step's batched twins (denoiser, n_cond, rows): the combine step must not see them even when the
     # step's PAG term was dropped (a refusal or a lost batch after the rows were added)
     twins: tuple | None = None
+    counter: PassCounter = field(default_factory=PassCounter)  # where a call stands in its sampling pass
 
     @property
     def p(self):
@@ -266,6 +268,17 @@ def real_sigma(denoiser, sigma_in: torch.Tensor) -> float:
     return value
 
 
+def call_in_pass(job: Job, den, params) -> tuple[int, int]:
+    """``(call index, model calls of this sampling pass)`` for the step window: the calls the sampler really
+    makes (``calls.PassCounter``); the host's ``step``/``total_steps`` where they cannot be known."""
+    where = job.counter.at(job.p, getattr(den, "sampler", None), den)
+    if where is not None:
+        return where.index, where.total
+    step = getattr(den, "step", params.sampling_step)
+    total = getattr(den, "total_steps", params.total_sampling_steps) or params.total_sampling_steps
+    return step, total
+
+
 def on_cfg_denoiser(params) -> None:
     den = _denoiser(params)
     job = JOBS.for_denoiser(den) if den is not None else JOBS._latest
@@ -291,8 +304,7 @@ def on_cfg_denoiser(params) -> None:
     if reason is not None:
         job.refuse(reason)
         return
-    step = getattr(den, "step", params.sampling_step)
-    total = getattr(den, "total_steps", params.total_sampling_steps) or params.total_sampling_steps
+    step, total = call_in_pass(job, den, params)
     sigma = real_sigma(den, params.sigma)
     scale = scale_for_step(job.params, step=step, total_steps=total, sigma=sigma, hires=bool(getattr(p, "is_hr_pass", False)))
     scale *= getattr(den, "cond_scale_miltiplier", 1.0)  # (sic) DDIM CFG++ maps guidance scales by 1/12.5

@@ -86,7 +86,10 @@ def _std(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 # --- schedule ------------------------------------------------------------------------------------
 
 def step_progress(step: int, total_steps: int) -> float:
-    """Fraction of the run before ``step`` (0-based): 0 at the first step, (n−1)/n at the last."""
+    """Fraction of the pass before ``step`` (0-based): 0 at the first step, (n−1)/n at the last.
+
+    The adapters pass model calls: ``step`` is this call's index in its sampling pass and ``total_steps``
+    the calls the pass really makes (``lib_pag.calls``)."""
     return step / max(int(total_steps), 1)
 
 
@@ -102,11 +105,12 @@ def scheduled_scale(
     sigma_start: float = 0.0,
     sigma_end: float = 0.0,
 ) -> float:
-    """The PAG scale for one sampler step; exactly 0.0 outside the step or sigma window.
+    """The PAG scale for one sampler step (one model call); exactly 0.0 outside the step or sigma window.
 
-    Step window: active when ``start ≤ step/total < end``. Sigma window (bounds of 0 = none): active
-    when ``sigma_end ≤ sigma ≤ sigma_start``. Inside the window the shape decays from ``scale`` at the
-    window's start: constant, linear (to 0 at the window's end) or cosine (half period).
+    Step window: active when ``start ≤ step/total < end`` (``end = 0.5``: the first ⌈n/2⌉ of n calls).
+    Sigma window (bounds of 0 = none): active when ``sigma_end ≤ sigma ≤ sigma_start``. Inside the window
+    the shape decays from ``scale`` at the window's start: constant, linear (to 0 at the window's end) or
+    cosine (half period).
     """
     if scale == 0:
         return 0.0
