@@ -28,10 +28,11 @@ the entry's — independent of how the host chunked or ordered the entries. The 
 scaled by the sum of the strengths, as the host scales its CFG term (``edit_strength``): the term is
 ``s·Σ w·(cond − perturbed)``, exactly A1111's, so PAG's strength relative to CFG is the same on every host.
 
-Schedule: the step fraction is the CFG denoiser's ``step / total_steps`` (``p.sampler.model_wrap_cfg``,
-the same counters the A1111 adapter uses: denoiser calls, so 2nd-order samplers count both calls
-of a step; they restart in the hires pass); without them, this job's own count of denoiser calls
-over ``p.steps``. Sigma windows use the real sigma the host passes to the sampling function.
+Schedule: the step fraction is the call's index over the model calls the sampling pass really makes
+(``calls.PassCounter``, shared with the A1111 adapter: read off ``p.sampler``'s own schedule; the CFG
+denoiser's ``step / total_steps`` where the count cannot be known); without those counters, this job's
+own count of denoiser calls over ``p.steps``. Sigma windows use the real sigma the host passes to the
+sampling function.
 
 State lives on ``p`` (attribute ``_pag_forge_job``) and in closures over that job object; ``end(p)``
 makes every installed function inert. Host modules are imported lazily (tests use doubles).
@@ -52,6 +53,7 @@ import torch
 from . import forge_fork
 from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
 from .errors import PagError
+from .calls import PassCounter
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
@@ -274,9 +276,20 @@ class ForgeJob:
         return [((layer.host_block[0], layer.host_block[1], layer.transformer), s) for layer, s in self.selection.chosen]
 
     def scale_at(self, sigma) -> tuple[float, int, int, float]:
+        """``(scale, call index, model calls of this pass, sigma)`` for the denoiser call in progress.
+
+        The step window counts the model calls the sampling pass really makes (``calls.PassCounter``, from
+        the sampler's own schedule: Forge 2 and reForge sample with A1111's ``modules/sd_samplers_*.py``
+        classes); the CFG denoiser's ``step / total_steps`` where that count cannot be known; without those
+        counters, this job's own count of denoiser calls over ``p.steps``."""
         p = self.p
-        den = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-        step, total = getattr(den, "step", None), getattr(den, "total_steps", None)
+        sampler = getattr(p, "sampler", None)
+        den = getattr(sampler, "model_wrap_cfg", None)
+        counter = getattr(self, "pass_counter", None)
+        if counter is None:
+            counter = self.pass_counter = PassCounter()
+        where = counter.at(p, sampler, den) if den is not None else None
+        step, total = (where.index, where.total) if where is not None else (None, None)
         if not isinstance(step, int) or not total:
             step, total = self.calls, int(getattr(p, "steps", 0) or 0) or 1
         value = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
