@@ -534,8 +534,8 @@ def _make_unet_wrapper(job: ForgeJob, previous):
                                                        [e for e, _ in matches], rows, PagRows(mask))
         if job.fork_point is not None:
             to = twinned["transformer_options"]
-            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan(job.fork_point, total, index.cpu(),
-                                                          dict(c.get("transformer_options", {})))
+            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(job.fork_point, total, index.cpu(),
+                                                                  c.get("transformer_options", {}), dict(to))
             if job.host.fork == "wrapper":
                 forge_fork.add_wrapper(to, lambda: job.live)
         new_args = dict(args)

@@ -83,20 +83,44 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CHECKED: dict = {}  # function -> None (mirrored) | reason
 
 
+_ABSENT = object()  # ForkPlan.restore: the host's options had no such key
+
+
 @dataclasses.dataclass(frozen=True)
 class ForkPlan:
     """What one twinned UNet call needs to fork: ``host_rows`` rows of the host, then one twin per entry of
-    ``source`` (the host row it copies, CPU long); ``prefix_options``: the host's own transformer_options
-    of the call (its rows, no twins, no PAG patches)."""
+    ``source`` (the host row it copies, CPU long); ``restore``: for every ``transformer_options`` key PAG
+    set or changed for the twins, the host's own value (``_ABSENT``: none), so the prefix sees the options
+    the UNet really receives — with whatever a wrapper between PAG's and the UNet added — for the host's rows."""
 
     point: ForkPoint
     host_rows: int
     source: torch.Tensor
-    prefix_options: dict
+    restore: dict
 
     @property
     def rows(self) -> int:
         return self.host_rows + int(self.source.numel())
+
+    @classmethod
+    def between(cls, point: ForkPoint, host_rows: int, source: torch.Tensor, host_options: dict, call_options: dict):
+        """The plan for a call whose options PAG built as ``call_options`` from the host's ``host_options``
+        (compared by identity, key by key; before ``FORK_KEY`` and PAG's wrapper are added)."""
+        restore = {k: host_options.get(k, _ABSENT) for k in set(host_options) | set(call_options)
+                   if k not in call_options or k not in host_options or call_options[k] is not host_options[k]}
+        restore[FORK_KEY] = _ABSENT
+        restore["wrappers"] = host_options.get("wrappers", _ABSENT)
+        return cls(point, host_rows, source, restore)
+
+    def prefix_options(self, received: dict) -> dict:
+        """The options the UNet received, with PAG's twin bookkeeping undone: what the host's rows see."""
+        options = dict(received)
+        for k, v in self.restore.items():
+            if v is _ABSENT:
+                options.pop(k, None)
+            else:
+                options[k] = v
+        return options
 
 
 def fork_point(selection: LayerSelection | None) -> ForkPoint | None:
@@ -150,6 +174,11 @@ def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, c
         reason = "the UNet predicts codebook ids"
     if reason is None and plan.point.part == "output" and not 0 <= plan.point.index < len(unet.output_blocks):
         reason = f"{plan.point} does not exist"
+    options = transformer_options if transformer_options is not None else {}
+    if reason is None and host.flavor == "forge2" and (options.get("block_modifiers") or options.get("block_inner_modifiers")):
+        # they see every block in turn and may carry state from one to the next (ControlNet's tile_colorfix
+        # keeps input block 0's h until the last block): rows that change size on the way would break them
+        reason = "block modifiers are set (they may carry state from block to block)"
     n = int(x.shape[0])
     if reason is None and (n % plan.rows or not plan.source.numel()):
         reason = f"a UNet call of {n} rows does not fit the {plan.rows} rows of the twinned batch"
@@ -167,7 +196,7 @@ def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, c
             return None
     log.debug("PAG fork before %s: prefix on %d of %d rows", plan.point, keep.numel(), n)
     return _walk(unet, host.flavor == "forge2", sys.modules[type(unet).__module__], plan.point, keep.to(x.device),
-                 gather.to(x.device), full, dict(plan.prefix_options), transformer_options if transformer_options is not None else {})
+                 gather.to(x.device), full, plan.prefix_options(options), options)
 
 
 def _rows(plan: ForkPlan, tiles: int):
@@ -215,7 +244,12 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
         nonlocal seg
         kept = int(h.shape[0])
         index = seg.options.get("transformer_index", 0)
-        seg = _Segment(x, context, control, options, kwargs)
+        rest = control
+        if isinstance(control, dict) and isinstance(seg.control, dict):
+            # the prefix popped its residuals from its own copies: the rest starts where it stopped
+            rest = {k: (v[:len(seg.control[k])] if isinstance(v, list) and isinstance(seg.control.get(k), list) else v)
+                    for k, v in control.items()}
+        seg = _Segment(x, context, rest, options, kwargs)
         seg.options["original_shape"] = list(x.shape)
         seg.options["transformer_index"] = index
         return _take(h, gather, kept), [_take(t, gather, kept) for t in hs], _take(emb, gather, kept)
@@ -276,11 +310,17 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
 
 # --- how it reaches the UNet -------------------------------------------------------------------------
 
+_HOST_ARGS = ("x", "timesteps", "context", "y", "control", "transformer_options")
+
+
 def install_object_patch(patcher, live) -> str | None:
     """Forge 2: add PAG's ``diffusion_model.forward`` object patch to ``patcher`` (this job's clone).
 
     ``live()``: whether the job still wants forking. Returns None when installed, else why not (another
-    object patch on that key, or someone else's instance forward on the UNet: both are left alone).
+    object patch on that key, or someone else's instance forward on the UNet: both are left alone). At
+    each call PAG's forward hands over to what the patcher replaced when it loaded the model (its
+    ``object_patches_backup``, e.g. a forward another script set after PAG installed), and forks only
+    while that is the UNet's own forward.
     """
     unet = getattr(getattr(patcher, "model", None), "diffusion_model", None)
     if unet is None or not hasattr(patcher, "add_object_patch"):
@@ -288,23 +328,48 @@ def install_object_patch(patcher, live) -> str | None:
     if OBJECT_PATCH in getattr(patcher, "object_patches", {}):
         return f"another object patch on {OBJECT_PATCH}"
     own = unet.__dict__.get("forward")
-    if own is not None and not getattr(own, "__pag_fork__", False) and not _is_own_bound_forward(unet, own):
+    if own is not None and not _plain_forward(own, unet):
         return f"the UNet has an instance forward ({getattr(own, '__qualname__', type(own).__name__)})"
-    unet_ref = weakref.ref(unet)
+    unet_ref, patcher_ref = weakref.ref(unet), weakref.ref(patcher)
 
-    def forward(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    def replaced():
+        """What this patch replaced on the UNet when the patcher loaded it (None: nothing)."""
+        loaded = patcher_ref()
+        return getattr(loaded, "object_patches_backup", {}).get(OBJECT_PATCH) if loaded is not None else None
+
+    def forward(*args, **kwargs):
         module = unet_ref()
-        plan = transformer_options.get(FORK_KEY) if isinstance(transformer_options, dict) else None
-        if plan is not None and live():
-            out = forked_forward(module, FORGE2_FORWARD, plan, x, timesteps, context, y, control,
-                                 transformer_options, **kwargs)
-            if out is not None:
-                return out
-        return type(module).forward(module, x, timesteps, context, y, control, transformer_options, **kwargs)
+        before = replaced()
+        if before is None:
+            before = type(module).forward.__get__(module)
+        call = dict(zip(_HOST_ARGS, args), **kwargs)
+        options = call.get("transformer_options")
+        plan = options.get(FORK_KEY) if isinstance(options, dict) else None
+        if plan is not None and live() and len(args) <= len(_HOST_ARGS) and "x" in call:
+            if not _plain_forward(before, module):
+                log.debug("PAG fork off: the UNet's forward was replaced (%s)", getattr(before, "__qualname__", before))
+            else:
+                named = {k: call.pop(k) for k in _HOST_ARGS if k in call}
+                out = forked_forward(module, FORGE2_FORWARD, plan, named.pop("x"), **named, **call)
+                if out is not None:
+                    return out
+        return before(*args, **kwargs)
 
     forward.__pag_fork__ = True
+    forward.__pag_replaced__ = replaced
     patcher.add_object_patch(OBJECT_PATCH, forward)
     return None
+
+
+def _plain_forward(fn, unet, depth: int = 0) -> bool:
+    """Whether calling ``fn`` runs the UNet's own class forward and nothing else (PAG's own, stale
+    forwards pass through to what they replaced: followed)."""
+    if fn is None or _is_own_bound_forward(unet, fn):
+        return True
+    if getattr(fn, "__pag_fork__", False) and depth < 8:
+        replaced = getattr(fn, "__pag_replaced__", None)
+        return _plain_forward(replaced() if replaced is not None else None, unet, depth + 1)
+    return False
 
 
 def add_wrapper(options: dict, live) -> None:
@@ -314,9 +379,13 @@ def add_wrapper(options: dict, live) -> None:
     def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         plan = transformer_options.get(FORK_KEY) if isinstance(transformer_options, dict) else None
         innermost = getattr(executor, "idx", -1) + 1 == len(getattr(executor, "wrappers", ()))
+        unet, original = getattr(executor, "class_obj", None), getattr(executor, "original", None)
         if plan is not None and live():
             if not innermost:
                 log.debug("PAG fork off: another DIFFUSION_MODEL wrapper runs inside PAG's")
+            elif (getattr(original, "__self__", None) is not unet
+                  or getattr(original, "__func__", None) is not getattr(type(unet), "_forward", None)):
+                log.debug("PAG fork off: the UNet's _forward was replaced (%s)", getattr(original, "__qualname__", original))
             else:
                 out = forked_forward(executor.class_obj, REFORGE_FORWARD, plan, x, timesteps, context, y, control,
                                      transformer_options, **kwargs)
