@@ -58,7 +58,7 @@ HEUN_PP2 = "sample_heunpp2"  # Forge: 3 calls a step, 2 on the step before the l
 DPM_FAST = "sample_dpm_fast"  # DPMSolver.dpm_solver_fast: exactly ``n`` model evaluations (its nfe)
 UNKNOWABLE = {
     "sample_dpm_adaptive": "DPM adaptive chooses its step sizes while it runs",
-    "restart_sampler": "Restart adds restart segments to the schedule (modules/sd_samplers_extra.py)",
+    "restart_sampler": "Restart adds restart segments to the schedule",  # modules/sd_samplers_extra.py
 }
 # timesteps samplers (modules/sd_samplers_timesteps_impl.py): calls = len(timesteps) + offset
 TIMESTEPS_CALLS = {"ddim": -1, "ddim_cfgpp": -1, "plms": 0, "unipc": 0}
