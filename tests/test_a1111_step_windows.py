@@ -12,7 +12,6 @@ call more (its first step calls twice); Heun/DPM++ SDE skip the second call on t
 """
 
 import logging
-import math
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ from modules import processing, sd_samplers_cfg_denoiser, shared
 from modules import sd_models_double
 
 import lib_pag.a1111 as a1111
-
-SCALE = 3.0
+from windows_oracle import SCALE, window
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +75,6 @@ def watch(webui, monkeypatch):
     w = Watch(monkeypatch, webui)
     yield w
     w.handle.remove()
-
-
-def window(n: int, *, start=0.0, end=1.0, schedule="linear") -> list[float]:
-    """README: call k of n is in the window when start ≤ k/n < end; the shape decays from ``SCALE`` there."""
-    out = []
-    for k in range(n):
-        t = k / n
-        if not start <= t < end:
-            out.append(0.0)
-            continue
-        u = (t - start) / (end - start)
-        out.append(SCALE * {"constant": 1.0, "linear": 1.0 - u, "cosine": 0.5 * (1 + math.cos(math.pi * u))}[schedule])
-    return out
 
 
 def check(watch, expected_passes, settings):

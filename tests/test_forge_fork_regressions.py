@@ -9,6 +9,7 @@ import torch
 from lib_pag import forge
 from lib_pag.fork import DISABLE_ENV
 from tests.forge_double.webui import Processing, SdModel
+from tests.test_forge_fork import both
 from tests.test_forge import host, inputs, pag, rel_err, run, unet  # noqa: F401  (fixtures)
 
 TOL = 1e-5
@@ -16,15 +17,8 @@ TOL = 1e-5
 
 def _both(host, params, monkeypatch, factory):
     """[forked results, unforked results] of the same job, a fresh ``p`` from ``factory()`` each time."""
-    outs = []
-    for off in (False, True):
-        if off:
-            monkeypatch.setenv(DISABLE_ENV, "1")
-        else:
-            monkeypatch.delenv(DISABLE_ENV, raising=False)
-        outs.append(run(host, params, p=factory())[1])
-    monkeypatch.delenv(DISABLE_ENV, raising=False)
-    return outs
+    forked, unforked, _, _ = both(host, params, monkeypatch, p_factory=factory)
+    return [forked, unforked]
 
 
 def _max_err(a, b):

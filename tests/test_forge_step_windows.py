@@ -8,7 +8,6 @@ README's window over ``k/n`` (``ForgeJob.log``), and its UNet call the perturbed
 scale is not 0 (``unet_walk.CALLS``: 3 rows, else 2). Euler's counts are the host's own (a control).
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -18,22 +17,11 @@ import torch
 from lib_pag import forge
 from lib_pag.params import PagParams
 from tests.forge_double import samplers, unet_walk
+from tests.test_forge import _purge, unet  # noqa: F401  (fixture)
 from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel
-from tests.unets import sd15_unet
+from tests.windows_oracle import SCALE, window
 
 DOUBLES = Path(__file__).resolve().parent / "forge_double"
-SCALE = 3.0
-
-
-def _purge():
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("backend", "ldm_patched"):
-            del sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return sd15_unet(seed=3)
 
 
 @pytest.fixture(params=["forge2", "reforge"])
@@ -62,19 +50,6 @@ def host(request, unet, monkeypatch, tmp_path):
         sys.path.remove(root)
         _purge()
         forge.detect_host(refresh=True)
-
-
-def window(n, *, start=0.0, end=1.0, schedule="linear"):
-    """README: call k of n is in the window when start ≤ k/n < end; the shape decays from ``SCALE`` there."""
-    out = []
-    for k in range(n):
-        t = k / n
-        if not start <= t < end:
-            out.append(0.0)
-            continue
-        u = (t - start) / (end - start)
-        out.append(SCALE * {"constant": 1.0, "linear": 1.0 - u, "cosine": 0.5 * (1 + math.cos(math.pi * u))}[schedule])
-    return out
 
 
 def job_run(host, sampler, settings, *, steps, kinds, denoising_strength=0.5, hires_steps=0):
