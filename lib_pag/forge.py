@@ -255,6 +255,7 @@ class ForgeJob:
         self.fork_point = None  # forge_fork: where the twins join (batched mode, on a host with a fork route)
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
+        self.pass_counter = PassCounter()  # where a call stands in its sampling pass (the step window)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
 
     @property
@@ -285,10 +286,7 @@ class ForgeJob:
         p = self.p
         sampler = getattr(p, "sampler", None)
         den = getattr(sampler, "model_wrap_cfg", None)
-        counter = getattr(self, "pass_counter", None)
-        if counter is None:
-            counter = self.pass_counter = PassCounter()
-        where = counter.at(p, sampler, den) if den is not None else None
+        where = self.pass_counter.at(p, sampler, den) if den is not None else None
         step, total = (where.index, where.total) if where is not None else (None, None)
         if not isinstance(step, int) or not total:
             step, total = self.calls, int(getattr(p, "steps", 0) or 0) or 1
@@ -535,7 +533,7 @@ def _make_unet_wrapper(job: ForgeJob, previous):
         if job.fork_point is not None:
             to = twinned["transformer_options"]
             to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(job.fork_point, total, index.cpu(),
-                                                                  c.get("transformer_options", {}), dict(to))
+                                                                  c.get("transformer_options", {}), to)
             if job.host.fork == "wrapper":
                 forge_fork.add_wrapper(to, lambda: job.live)
         new_args = dict(args)

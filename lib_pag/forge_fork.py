@@ -11,20 +11,21 @@ How it reaches the UNet, each host through its own patcher API (no host function
 - **Forge 2** (``backend/nn/unet.py``): an object patch ``diffusion_model.forward`` on this job's clone of
   the UNet patcher (``ModelPatcher.add_object_patch``); the patcher sets it when it loads the model and
   puts the old value back when it unloads it. It forks only the UNet calls that carry a ``ForkPlan`` in
-  their ``transformer_options`` (key ``FORK_KEY``) and passes every other call to the class forward.
+  their ``transformer_options`` (key ``FORK_KEY``) and passes every other call on to the forward it replaced.
 - **reForge** (``ldm_patched/ldm/modules/diffusionmodules/openaimodel.py``): a ``DIFFUSION_MODEL`` wrapper
   (``ldm_patched/modules/patcher_extension.py``) in the ``transformer_options`` of the twinned UNet call
   only, added after any other wrapper (so it is the innermost and every other wrapper still runs).
 
 The walk mirrors the host's UNet forward statement for statement (``IntegratedUNet2DConditionModel.forward``
-of Forge 2, ``UNetModel._forward`` of reForge): block modifiers, ``emb_patch``, ``input_block_patch``,
+of Forge 2, ``UNetModel._forward`` of reForge): ``emb_patch``, ``input_block_patch``,
 ``input_block_patch_after_skip``, ``output_block_patch``, ``group_norm_wrapper``, ControlNet residuals; every
-block is called as the host calls it. The prefix sees the host's own ``transformer_options`` (its rows, no
-twins); the rest the twinned call's. It runs only when the UNet's forward is one of those two functions
-and uses no name or key the walk does not mirror (checked on the function's code, so a changed host
-forward turns the fork off rather than being half-mirrored); otherwise the call runs the host's forward
-unchanged, with a DEBUG line naming why. The fork point is a block boundary: before ``middle_block`` or
-before ``output_blocks[i]``.
+block is called as the host calls it. Forge 2's block modifiers see every block in turn and may carry state
+from one to the next, so while any is set the fork is off (and the walk has no modifier calls). The prefix
+sees the host's own ``transformer_options`` (its rows, no twins); the rest the twinned call's. It runs only
+when the UNet's forward is one of those two functions and uses no name or key the walk does not mirror
+(checked on the function's code, so a changed host forward turns the fork off rather than being
+half-mirrored); otherwise the call runs the host's forward unchanged, with a DEBUG line naming why. The fork point
+is a block boundary: before ``middle_block`` or before ``output_blocks[i]``.
 """
 
 from __future__ import annotations
@@ -210,28 +211,22 @@ def _rows(plan: ForkPlan, tiles: int):
 class _Segment:
     """The rows one part of the walk runs on: its inputs and transformer_options."""
 
-    def __init__(self, x, context, control, options, kwargs):
-        self.x, self.context, self.control, self.options, self.kwargs = x, context, control, options, kwargs
+    def __init__(self, context, control, options, kwargs):
+        self.context, self.control, self.options, self.kwargs = context, control, options, kwargs
         self.patches = options.get("patches", {})
-        self.modifiers = options.get("block_modifiers", [])
 
 
 def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_options: dict, options: dict):
     x, timesteps, context, y, control, kwargs = full
     n = int(x.shape[0])
     xk, tk, ck, yk, control_k, kwargs_k = (_take(v, keep, n) for v in full)
-    seg = _Segment(xk, ck, control_k, prefix_options, kwargs_k)
+    seg = _Segment(ck, control_k, prefix_options, kwargs_k)
     seg.options["original_shape"] = list(xk.shape)
     seg.options["transformer_index"] = 0
 
-    def modify(h, when):
-        for modifier in seg.modifiers if forge2 else ():
-            h = modifier(h, when, seg.options)
-        return h
-
-    def block(module, h, emb, output_shape=None, last=False):
+    def block(module, h, emb, output_shape=None, output=False):
         if forge2:
-            if last:  # output blocks get output_shape
+            if output:  # output blocks get output_shape
                 return module(h, emb, seg.context, seg.options, output_shape)
             return module(h, emb, seg.context, seg.options)
         kw = seg.kwargs
@@ -249,7 +244,7 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
             # the prefix popped its residuals from its own copies: the rest starts where it stopped
             rest = {k: (v[:len(seg.control[k])] if isinstance(v, list) and isinstance(seg.control.get(k), list) else v)
                     for k, v in control.items()}
-        seg = _Segment(x, context, rest, options, kwargs)
+        seg = _Segment(context, rest, options, kwargs)
         seg.options["original_shape"] = list(x.shape)
         seg.options["transformer_index"] = index
         return _take(h, gather, kept), [_take(t, gather, kept) for t in hs], _take(emb, gather, kept)
@@ -264,10 +259,8 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
     h, hs = xk, []
     for i, module in enumerate(unet.input_blocks):
         seg.options["block"] = ("input", i)
-        h = modify(h, "before")
         h = block(module, h, emb)
         h = mod.apply_control(h, seg.control, "input")
-        h = modify(h, "after")
         for patch in seg.patches.get("input_block_patch", []):
             h = patch(h, seg.options)
         hs.append(h)
@@ -276,11 +269,9 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
     if point.part == "middle":
         h, hs, emb = fork(h, hs, emb)
     seg.options["block"] = ("middle", 0)
-    h = modify(h, "before")
     if forge2 or unet.middle_block is not None:
         h = block(unet.middle_block, h, emb)
     h = mod.apply_control(h, seg.control, "middle")
-    h = modify(h, "after")
     for i, module in enumerate(unet.output_blocks):
         if point.part == "output" and point.index == i:
             h, hs, emb = fork(h, hs, emb)
@@ -292,18 +283,14 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
         h = torch.cat([h, hsp], dim=1)
         del hsp
         output_shape = hs[-1].shape if len(hs) > 0 else None
-        h = modify(h, "before")
-        h = block(module, h, emb, output_shape, last=True)
-        h = modify(h, "after")
+        h = block(module, h, emb, output_shape, output=True)
     if forge2:
         seg.options["block"] = ("last", 0)
-        h = modify(h, "before")
         if "group_norm_wrapper" in seg.options:
             h = seg.options["group_norm_wrapper"](unet.out[0], h, seg.options)
             h = unet.out[1:](h)
         else:
             h = unet.out(h)
-        h = modify(h, "after")
         return h.type(x.dtype)
     return unet.out(h.type(x.dtype))
 
@@ -349,8 +336,7 @@ def install_object_patch(patcher, live) -> str | None:
             if not _plain_forward(before, module):
                 log.debug("PAG fork off: the UNet's forward was replaced (%s)", getattr(before, "__qualname__", before))
             else:
-                named = {k: call.pop(k) for k in _HOST_ARGS if k in call}
-                out = forked_forward(module, FORGE2_FORWARD, plan, named.pop("x"), **named, **call)
+                out = forked_forward(module, FORGE2_FORWARD, plan, **call)
                 if out is not None:
                     return out
         return before(*args, **kwargs)

@@ -3,9 +3,8 @@ infotext, and how a refusal reaches the user (log, the generation's comments, a 
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
+import logging
 
 from .errors import PagError
 from .neighbors import neighbor_on
