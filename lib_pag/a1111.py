@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PagError
-from .fork import forking
+from .fork import ForkChecks, forking
 from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, check_neighbors, read_params, write_infotext
+from .job import NEVER_CALLED, announce_refusal, check_neighbors, image_keys, read_params, write_infotext, write_note
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
 from .perturbations import Perturbation
-from .rows import perturbed_mask, row_offset, rows_of, twin_cond, twin_rows
+from .layout import RowLayout
+from .rows import row_offset, rows_of, twin_cond, twin_rows
 
 log = logging.getLogger("sd_webui_pag")
 
@@ -49,7 +50,8 @@ class Call:
     conds_list: list
     denoiser: object = None
     x_in: torch.Tensor | None = None  # batched: the tensor whose row slices reach the UNet
-    mask: torch.Tensor | None = None
+    layout: RowLayout | None = None  # batched: the rows of x_in (labels, sources, draw keys)
+    keys: tuple = ()  # per cond row: the draw key of its perturbed twin (separate mode)
     separate: bool = False  # separate mode: the cond rows run again, perturbed, after each host call
     perturbed: torch.Tensor | None = None  # separate mode: the perturbed outputs, filled call by call
     seen: torch.Tensor | None = None
@@ -74,6 +76,9 @@ class Job:
     # step's PAG term was dropped (a refusal or a lost batch after the rows were added)
     twins: tuple | None = None
     counter: PassCounter = field(default_factory=PassCounter)  # where a call stands in its sampling pass
+    images: tuple = ()  # per image of the batch in progress: the key its random draws start from (job.image_keys)
+    draw: tuple = ()  # this denoiser call's draw key: (hires pass, model call index)
+    fork_checks: ForkChecks = field(default_factory=ForkChecks)
 
     @property
     def p(self):
@@ -223,10 +228,13 @@ def start_job(p, args) -> Job | None:
     return job
 
 
-def start_batch(p, seeds) -> None:
+def start_batch(p, seeds, subseeds=None) -> None:
+    """``process_batch``: the batch's image seeds key every random draw of its perturbed rows (per image)."""
     job = JOBS.get(p)
-    if job is not None and seeds:
-        job.perturbation.reseed(int(seeds[0]))
+    if job is not None:
+        job.images = image_keys(p, seeds, subseeds)
+        if seeds:
+            job.perturbation.reseed(int(seeds[0]))
 
 
 # --- CFGDenoiser callbacks -------------------------------------------------------------------------
@@ -254,6 +262,15 @@ def conds_list_of(denoiser, n_cond: int, batch: int) -> list | None:
         out.append([(row + k, float(c.weight)) for k, c in enumerate(prompts)])
         row += len(prompts)
     return out if row == n_cond and len(out) == batch else None
+
+
+def needs_sigma(params) -> bool:
+    """Whether the schedule depends on this call's sigma (a sigma window is set)."""
+    return bool(params.sigma_start or params.sigma_end)
+
+
+def _g(value) -> str:
+    return "?" if value is None else f"{value:.4g}"
 
 
 def real_sigma(denoiser, sigma_in: torch.Tensor) -> float:
@@ -305,12 +322,13 @@ def on_cfg_denoiser(params) -> None:
         job.refuse(reason)
         return
     step, total = call_in_pass(job, den, params)
-    sigma = real_sigma(den, params.sigma)
+    # the sigma window needs this call's sigma: one read of the device per step, and only then
+    sigma = real_sigma(den, params.sigma) if needs_sigma(job.params) or log.isEnabledFor(logging.DEBUG) else None
     scale = scale_for_step(job.params, step=step, total_steps=total, sigma=sigma, hires=bool(getattr(p, "is_hr_pass", False)))
     scale *= getattr(den, "cond_scale_miltiplier", 1.0)  # (sic) DDIM CFG++ maps guidance scales by 1/12.5
     n_cond, batch = _rows(params.text_cond), _rows(params.text_uncond)
     if scale == 0:
-        log.debug("PAG step %d/%d sigma %.4g: scale 0, no extra rows", step, total, sigma)
+        log.debug("PAG step %d/%d sigma %s: scale 0, no extra rows", step, total, _g(sigma))
         return
     if params.x.shape[0] != n_cond + batch:
         job.refuse(f"unexpected CFG batch layout ({params.x.shape[0]} rows for {n_cond} cond + {batch} uncond)")
@@ -323,6 +341,8 @@ def on_cfg_denoiser(params) -> None:
     mode = job.mode()
     if mode is None:
         return
+    call.keys = twin_keys(job, conds_list, n_cond)
+    job.draw = (int(bool(getattr(p, "is_hr_pass", False))), int(step))
     layout = mode
     if mode == "separate":
         call.separate, call.x_in = True, params.x
@@ -333,20 +353,39 @@ def on_cfg_denoiser(params) -> None:
         params.sigma = twin_rows(rows_of(params.sigma, 0, n_cond), n_cond)
         params.image_cond = twin_rows(rows_of(params.image_cond, 0, n_cond), n_cond)
         params.text_uncond = rows_of(params.text_cond, 0, n_cond)  # a copy of the same class (DictWithShape)
-        call.x_in, call.mask = params.x, perturbed_mask(n_cond, 0)
+        call.x_in, call.layout = params.x, twin_layout(n_cond, 0, call.keys)
     else:
         params.x = twin_rows(params.x, n_cond)
         params.sigma = twin_rows(params.sigma, n_cond)
         params.image_cond = twin_rows(params.image_cond, n_cond)
         params.text_cond = twin_cond(params.text_cond, n_cond)
-        call.x_in, call.mask, call.twins = params.x, perturbed_mask(n_cond, batch), True
+        call.x_in, call.layout, call.twins = params.x, twin_layout(n_cond, batch, call.keys), True
         job.twins = (den, n_cond, params.x.shape[0])
     job.call = call
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("PAG step %d/%d sigma %.4g: scale %g, %d perturbed rows (%s), layers %s", step, total, sigma,
+        log.debug("PAG step %d/%d sigma %s: scale %g, %d perturbed rows (%s), layers %s", step, total, _g(sigma),
                   scale, n_cond, layout, ",".join(selection.names))
+
+
+def twin_keys(job: Job, conds_list, n_cond: int, label: int = 1) -> tuple:
+    """Per cond row, the draw key of its perturbed twin: its image's key (``job.images``), its AND sub-prompt
+    and the branch — the same whatever else is in the batch. None for rows of images without a key."""
+    keys: list = [None] * n_cond
+    for i, conds in enumerate(conds_list):
+        image = job.images[i] if i < len(job.images) else None
+        for k, (row, _) in enumerate(conds):
+            if image is not None and 0 <= row < n_cond:
+                keys[row] = image + (k, label)
+    return tuple(keys)
+
+
+def twin_layout(n_cond: int, n_rest: int, keys: tuple, label: int = 1) -> RowLayout:
+    """``[cond, twins of cond, rest]``: twin ``i`` copies cond row ``i`` and draws with ``keys[i]``."""
+    return RowLayout((0,) * n_cond + (label,) * n_cond + (0,) * n_rest,
+                     tuple(range(n_cond)) * 2 + tuple(range(2 * n_cond, 2 * n_cond + n_rest)),
+                     (None,) * n_cond + tuple(keys) + (None,) * n_rest)
 
 
 def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> bool:
@@ -394,6 +433,8 @@ def on_cfg_denoised(params) -> None:
         log.warning("PAG: another extension rebuilt the CFG batch after PAG added its rows; step skipped")
         job.call = None
         return
+    if job.fork_checks.failed():
+        stop_forking(job)
     cond = params.x[:call.n_cond]
     if call.separate:
         if call.seen is None or not bool(call.seen.all()):
@@ -406,6 +447,18 @@ def on_cfg_denoised(params) -> None:
     call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
     if job.params.rescale:
         call.reference = multicond_reference(cond, call.conds_list)
+
+
+def stop_forking(job: Job) -> None:
+    """A forked call's twin had inputs other than its cond row's (another extension changed a row after PAG
+    built the twins): the fork used the cond row's for the shared prefix. Said in the log and the infotext;
+    the rest of the job runs without the fork."""
+    step = job.draw[1] if len(job.draw) > 1 else "?"
+    job.fork_checks.failed_at = f"model call {step}"
+    note = (f"shared-prefix fork off from model call {step}: a perturbed twin's inputs differed from its cond row's "
+            "(another extension changed them after PAG built the twins); that call's twins shared the cond rows' prefix")
+    log.warning("PAG: %s", note)
+    write_note(job.p, note, keep_settings=True)
 
 
 def guided_with_pag(job: Job, call: Call, denoised: torch.Tensor, *, blended: bool) -> torch.Tensor:
@@ -493,10 +546,10 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
             out = own(x, sigma, *args, **kwargs)
             perturb_cond_rows_again(active, call, unet, own, x, sigma, args, kwargs, out)
             return out
-        mask = rows_of_call(call, x)
-        if mask is None:
+        layout = rows_of_call(call, x)
+        if layout is None:
             return own(x, sigma, *args, **kwargs)
-        with perturbing(active, unet, mask):
+        with perturbing(active, unet, layout):
             return own(x, sigma, *args, **kwargs)
 
     forward.__pag_inner__ = True
@@ -504,24 +557,41 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
 
 
 @contextmanager
-def perturbing(job: Job, unet, mask):
+def perturbing(job: Job, unet, layout: RowLayout):
     """The UNet calls inside run with the marked rows perturbed (and the shared prefix forked off)."""
     selection = job.selection_for(unet)
-    with AttentionPatch(unet, selection, job.perturbation, job.marks) as patch, job.marks.marking(mask), \
-            forking(unet, selection, mask):
+    with AttentionPatch(unet, selection, job.perturbation, job.marks) as patch, job.marks.marking(layout, job.draw), \
+            forking(unet, selection, layout, checks=job.fork_checks):
         yield
     if patch.perturbed_calls == 0:
         job.refuse(NEVER_CALLED)
 
 
-def rows_of_call(call: Call, x: torch.Tensor):
-    """The perturbed-row mask for the rows ``x`` of this UNet call, or None when it has none."""
+def rows_of_call(call: Call, x: torch.Tensor) -> RowLayout | None:
+    """The layout of the rows ``x`` of this UNet call (a slice of the denoiser's batch, found by its storage
+    offset), or None when it has no perturbed row. A twin whose cond row is not in the same call (chunked
+    calls) keeps no source: it runs the whole UNet."""
     offset = row_offset(x, call.x_in)
     if offset is None:
         call.lost = True
         return None
-    mask = call.mask[offset:offset + x.shape[0]]
-    return mask if bool(mask.any()) else None
+    return chunk_layout(call.layout, offset, x.shape[0])
+
+
+def chunk_layout(layout: RowLayout, offset: int, rows: int) -> RowLayout | None:
+    """Rows ``offset:offset+rows`` of ``layout`` as a layout of their own (None without a perturbed row)."""
+    if offset == 0 and rows == layout.n:
+        return layout if layout.perturbed else None
+    labels = layout.labels[offset:offset + rows]
+    if all(label == 0 for label in labels):
+        return None
+    sources = None
+    if layout.sources is not None:
+        sources = tuple(s - offset for s in layout.sources[offset:offset + rows])
+        if any(not 0 <= s < rows for s in sources):
+            sources = None
+    keys = None if layout.keys is None else layout.keys[offset:offset + rows]
+    return RowLayout(labels, sources, keys)
 
 
 def perturb_cond_rows_again(job: Job, call: Call, unet, own, x, sigma, args, kwargs, out) -> None:
@@ -533,7 +603,8 @@ def perturb_cond_rows_again(job: Job, call: Call, unet, own, x, sigma, args, kwa
     if offset is None or offset >= call.n_cond or args or not isinstance(cond, dict):
         return
     k = min(x.shape[0], call.n_cond - offset)
-    with perturbing(job, unet, torch.ones(k, dtype=torch.bool)):
+    keys = call.keys[offset:offset + k] if len(call.keys) >= offset + k else None
+    with perturbing(job, unet, RowLayout((1,) * k, None, keys)):
         twin = own(x[:k], sigma[:k], **{**kwargs, "cond": _first_rows(cond, k)})
     if call.perturbed is None:
         call.perturbed = out.new_zeros((call.n_cond,) + tuple(out.shape[1:]))

@@ -155,7 +155,7 @@ def pass_total(p, sampler, den) -> tuple[int, str]:
     if callable(getattr(sampler, "get_sigmas", None)):
         if getattr(p, "sampler_noise_scheduler_override", None):
             raise Unknown("a script replaced the noise schedule")
-        sigmas = [float(s) for s in sampler.get_sigmas(p, steps)]
+        sigmas = [float(s) for s in _host_list(sampler.get_sigmas(p, steps))]
         sched = sigmas[steps - t_enc - 1:] if img2img else sigmas
         calls = sigma_schedule_calls(name, sched, n=len(sched) - 1 if img2img else steps)
         return calls, f"{name} over {len(sched)} sigmas{' ending at 0' if sched and sched[-1] == 0 else ''}"
@@ -164,6 +164,13 @@ def pass_total(p, sampler, den) -> tuple[int, str]:
         sched = timesteps[:t_enc] if img2img else timesteps
         return timesteps_calls(name, sched), f"{name} over {len(sched)} timesteps"
     raise Unknown(f"{type(sampler).__name__} has neither get_sigmas nor get_timesteps")
+
+
+def _host_list(values) -> list:
+    """A schedule as host numbers: a tensor is read from the device once (not once per element)."""
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    return list(values)
 
 
 class PassCounter:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import logging
@@ -51,13 +52,17 @@ from typing import Callable
 import torch
 
 from . import forge_fork
-from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
+from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext, write_note
 from .errors import PagError
 from .calls import PassCounter
 from .guidance import rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
-from .patch import TokenGrids, fit_rows
+from .fork import ForkChecks
+from .guidance import promote
+from .job import image_keys
+from .layout import RowLayout, Rows, assemble, module_plan
+from .patch import TokenGrids, draw_keys as _draw_keys, layer_key
 from .perturbations import Perturbation
 
 log = logging.getLogger("sd_webui_pag")
@@ -161,19 +166,42 @@ def _load_reforge() -> HostApi:
 
 @dataclasses.dataclass(frozen=True)
 class PagRows:
-    """The ``transformer_options[MARK]`` of a UNet call: its perturbed rows (``mask`` None = all rows)."""
+    """The ``transformer_options[MARK]`` of a UNet call: its perturbed rows, host-side.
 
-    mask: torch.Tensor | None = None
+    ``layout``: the call's ``RowLayout`` (twins after the host's rows); None = every row is perturbed (the
+    separate call), its draw keys then from ``images`` (per image, ``job.image_keys``) for rows taken as
+    entries of ``entry_rows`` rows each. ``draw``: the call's draw key (pass, model call).
+    """
 
-    def rows_for(self, batch: int, unet_rows: int | None = None) -> torch.Tensor:
+    layout: RowLayout | None = None
+    draw: tuple = ()
+    images: tuple = ()
+    entry_rows: int = 0
+
+    def layout_for(self, batch: int, unet_rows: int | None = None) -> RowLayout:
         """``unet_rows``: the UNet call's batch (``original_shape[0]``; MultiDiffusion tiles the batch)."""
-        if self.mask is None:
-            return torch.ones(batch, dtype=torch.bool)
-        return fit_rows(self.mask, batch, unet_rows)
+        if self.layout is None:
+            return _all_rows(unet_rows or batch, self.images, self.entry_rows).fit(batch, unet_rows)
+        return self.layout.fit(batch, unet_rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_rows(n: int, images: tuple, entry_rows: int) -> RowLayout:
+    """Every row a twin of branch 1; row ``r`` is image ``r mod entry_rows`` of the ``r // entry_rows``-th entry."""
+    keys = None
+    if images and entry_rows == len(images) and n % entry_rows == 0:
+        keys = tuple(images[r % entry_rows] + (r // entry_rows, 1) for r in range(n))
+    return RowLayout((1,) * n, None, keys)
 
 
 class Step:
-    """One sampling-function call with PAG rows: the host's cond entries and their twins' running sum."""
+    """One sampling-function call with PAG rows: the host's cond entries and their twins' running sum.
+
+    A twin is matched to its cond entry on the host (shapes, keys and reForge's entry ``uuid``); only
+    when several entries fit (AND sub-prompts of one shape) are their conditioning tensors compared, before
+    the UNet call. A host-side match is confirmed on the device without waiting (``checks``), read once in
+    the post-CFG function: a wrong match makes that step fall back to the separate call.
+    """
 
     def __init__(self, host: HostApi, scale: float, cond: list, x: torch.Tensor, sigma: torch.Tensor):
         self.scale = scale
@@ -183,17 +211,29 @@ class Step:
         self.acc = torch.zeros_like(x)
         self.count = torch.ones_like(x) * 1e-37  # as the host: uncovered pixels end up 0
         self.closed = not self.entries
+        self.checks = ForkChecks()
 
     @property
     def complete(self) -> bool:
         return bool(self.entries) and all(self.done)
 
-    def match(self, c: dict, entry: int, rows: int, x_rows: torch.Tensor, taken: set) -> int | None:
-        """The cond entry whose conditioning equals entry ``entry`` (``rows`` rows) of the call's ``c``."""
+    def match(self, c: dict, entry: int, rows: int, x_rows: torch.Tensor, taken: set, uuid=None) -> int | None:
+        """The cond entry whose conditioning is entry ``entry`` (``rows`` rows) of the call's ``c``."""
+        found = []
         for k, e in enumerate(self.entries):
             if self.done[k] or k in taken or tuple(e.input_x.shape) != tuple(x_rows.shape):
                 continue
-            if all(_same_cond(c.get(key), entry, rows, value) for key, value in e.conditioning.items()):
+            if uuid is not None and getattr(e, "uuid", None) is not None and e.uuid != uuid:
+                continue
+            if all(_cond_fits(c.get(key), entry, rows, value) for key, value in e.conditioning.items()):
+                found.append(k)
+        if len(found) == 1:
+            e = self.entries[found[0]]
+            for key, value in e.conditioning.items():
+                self.checks.add(_cond_differs(c.get(key), entry, rows, value))
+            return found[0]
+        for k in found:  # several fit by shape: tell them apart by their values (reads the device)
+            if all(_same_cond(c.get(key), entry, rows, value) for key, value in self.entries[k].conditioning.items()):
                 return k
         return None
 
@@ -219,18 +259,50 @@ def _region(t: torch.Tensor, area):
     return t
 
 
-def _same_cond(chunk, entry: int, rows: int, condition) -> bool:
+def _cond_part(chunk, entry: int, rows: int, condition):
+    """``(the call's rows of this entry, the entry's own value)`` ready to compare, or None when their
+    shapes cannot match; a non-tensor condition is returned as ``(chunk, value)`` for ``==``."""
     value = getattr(condition, "cond", condition)
     if not torch.is_tensor(value):
-        return chunk == value if not torch.is_tensor(chunk) else False
+        return None if torch.is_tensor(chunk) else (chunk, value)
     if not torch.is_tensor(chunk) or chunk.ndim != value.ndim:
-        return False
+        return None
     part = chunk[entry * rows:(entry + 1) * rows]
     if part.shape != value.shape:
         # cross-attention conds of different token counts are concatenated repeated to a common length
         if value.ndim != 3 or part.shape[0] != value.shape[0] or part.shape[2] != value.shape[2] or part.shape[1] % value.shape[1]:
-            return False
+            return None
         value = value.repeat(1, part.shape[1] // value.shape[1], 1)
+    return part, value
+
+
+def _cond_fits(chunk, entry: int, rows: int, condition) -> bool:
+    """Whether the entry's condition can be these rows of the call's (shapes only; no device data)."""
+    pair = _cond_part(chunk, entry, rows, condition)
+    if pair is None:
+        return False
+    part, value = pair
+    return torch.is_tensor(part) or part == value
+
+
+def _cond_differs(chunk, entry: int, rows: int, condition):
+    """A device bool: whether these rows of the call's condition differ from the entry's (None: nothing to
+    compare). Does not wait for the device."""
+    pair = _cond_part(chunk, entry, rows, condition)
+    if pair is None or not torch.is_tensor(pair[0]):
+        return None
+    part, value = pair
+    return (part != value.to(part.device, part.dtype)).flatten().any()
+
+
+def _same_cond(chunk, entry: int, rows: int, condition) -> bool:
+    """Whether these rows of the call's condition equal the entry's (reads the device)."""
+    pair = _cond_part(chunk, entry, rows, condition)
+    if pair is None:
+        return False
+    part, value = pair
+    if not torch.is_tensor(part):
+        return part == value
     return torch.equal(part, value.to(part.device, part.dtype))
 
 
@@ -257,6 +329,9 @@ class ForgeJob:
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.pass_counter = PassCounter()  # where a call stands in its sampling pass (the step window)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
+        self.images: tuple = ()  # per image of the batch: the key its random draws start from (job.image_keys)
+        self.draw: tuple = ()  # the denoiser call's draw key: (hires pass, model call index)
+        self.fork_checks = ForkChecks()  # the fork's deferred twin-input checks, read once per step
 
     @property
     def p(self):
@@ -276,7 +351,7 @@ class ForgeJob:
         """``((block, id, transformer index), strength)`` of every chosen attn1."""
         return [((layer.host_block[0], layer.host_block[1], layer.transformer), s) for layer, s in self.selection.chosen]
 
-    def scale_at(self, sigma) -> tuple[float, int, int, float]:
+    def scale_at(self, sigma) -> tuple[float, int, int, float | None]:
         """``(scale, call index, model calls of this pass, sigma)`` for the denoiser call in progress.
 
         The step window counts the model calls the sampling pass really makes (``calls.PassCounter``, from
@@ -290,7 +365,10 @@ class ForgeJob:
         step, total = (where.index, where.total) if where is not None else (None, None)
         if not isinstance(step, int) or not total:
             step, total = self.calls, int(getattr(p, "steps", 0) or 0) or 1
-        value = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
+        # the sigma window needs this call's sigma: a read of the device, only then (and for the debug log)
+        value = None
+        if self.params.sigma_start or self.params.sigma_end or log.isEnabledFor(logging.DEBUG):
+            value = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
         scale = scale_for_step(self.params, step=step, total_steps=total, sigma=value, hires=bool(getattr(p, "is_hr_pass", False)))
         return scale, step, total, value
 
@@ -364,6 +442,7 @@ def apply(p, args) -> ForgeJob | None:
             return job
     seeds = getattr(p, "seeds", None)
     job.perturbation.reseed(int(seeds[0]) if seeds else int(getattr(p, "seed", 0) or 0))
+    job.images = image_keys(p)
     job.step, job.calls = None, 0
     clone = unet.clone()
     _install(clone, job)
@@ -488,7 +567,8 @@ def _open_step(job: ForgeJob, cond, x, sigma) -> None:
     job.step = None
     if not job.live:
         return
-    scale, *_ = job.scale_at(sigma)
+    scale, index, _, _ = job.scale_at(sigma)
+    job.draw = (int(bool(getattr(job.p, "is_hr_pass", False))), int(index))
     if scale != 0 and cond:
         job.step = Step(job.host, scale, cond, x, sigma)
 
@@ -512,32 +592,33 @@ def _make_unet_wrapper(job: ForgeJob, previous):
         if n == 0 or x.shape[0] % n:
             return run(apply_model, args)
         rows = x.shape[0] // n
+        uuids = c.get("transformer_options", {}).get("uuids")
         matches, taken = [], set()
         for entry, kind in enumerate(cond_or_uncond):
             if kind != 0:
                 continue
-            k = step.match(c, entry, rows, x[entry * rows:(entry + 1) * rows], taken)
+            uuid = uuids[entry] if isinstance(uuids, (list, tuple)) and len(uuids) == n else None
+            k = step.match(c, entry, rows, x[entry * rows:(entry + 1) * rows], taken, uuid)
             if k is not None:
                 matches.append((entry, k))
                 taken.add(k)
         if not matches:
             return run(apply_model, args)
         total = x.shape[0]
-        index = torch.cat([torch.arange(e * rows, (e + 1) * rows) for e, _ in matches]).to(x.device)
-        mask = torch.zeros(total + index.numel(), dtype=torch.bool)
-        mask[total:] = True
-        twinned = {key: (value if key in ("transformer_options", "control_model") else _twin(value, index, total))
+        layout = twin_layout(total, rows, tuple(matches), job.images)
+        twins = _twin_rows(layout, total)
+        twinned = {key: (value if key in ("transformer_options", "control_model") else _twin(value, twins, total))
                    for key, value in c.items()}
         twinned["transformer_options"] = _call_options(job, c.get("transformer_options", {}), cond_or_uncond,
-                                                       [e for e, _ in matches], rows, PagRows(mask))
+                                                       [e for e, _ in matches], rows, PagRows(layout, job.draw))
         if job.fork_point is not None:
             to = twinned["transformer_options"]
-            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(job.fork_point, total, index.cpu(),
-                                                                  c.get("transformer_options", {}), to)
+            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(((job.fork_point, (1,)),), layout,
+                                                                  c.get("transformer_options", {}), to, job.fork_checks)
             if job.host.fork == "wrapper":
                 forge_fork.add_wrapper(to, lambda: job.live)
         new_args = dict(args)
-        new_args.update(input=_twin(x, index, total), timestep=_twin(args["timestep"], index, total), c=twinned,
+        new_args.update(input=_twin(x, twins, total), timestep=_twin(args["timestep"], twins, total), c=twinned,
                         cond_or_uncond=cond_or_uncond + [0] * len(matches))
         before = job.perturbed_calls
         with job.watching_grids():
@@ -552,18 +633,35 @@ def _make_unet_wrapper(job: ForgeJob, previous):
     return _tag(wrapper, job)
 
 
-def _twin(value, index: torch.Tensor, total: int):
-    """``value`` with the rows ``index`` appended, for every per-row tensor (also inside dicts/lists: ControlNet)."""
+@functools.lru_cache(maxsize=256)
+def twin_layout(total: int, rows: int, matches: tuple, images: tuple, label: int = 1) -> RowLayout:
+    """The host's ``total`` rows, then a twin of each matched entry's ``rows`` rows (``matches``: ``(entry in
+    the call, its index in the step's cond list)``): twin row ``r`` of an entry copies that entry's row ``r``
+    and draws with image ``r``'s key, the entry's index and the branch."""
+    sources = [e * rows + r for e, _ in matches for r in range(rows)]
+    keys = None
+    if len(images) == rows:
+        keys = (None,) * total + tuple(images[r] + (k, label) for _, k in matches for r in range(rows))
+    return RowLayout((0,) * total + (label,) * len(sources), tuple(range(total)) + tuple(sources), keys)
+
+
+def _twin_rows(layout: RowLayout, total: int) -> Rows:
+    """The source rows of the twins, in order (contiguous per entry: taken as views)."""
+    return Rows(layout.sources[total:])
+
+
+def _twin(value, twins: Rows, total: int):
+    """``value`` with the rows ``twins`` appended, for every per-row tensor (also inside dicts/lists: ControlNet)."""
     if torch.is_tensor(value):
         if value.ndim >= 1 and value.shape[0] == total:
-            return torch.cat([value, value[index.to(value.device)]])
+            return torch.cat([value, twins.take(value)])
         return value
     if isinstance(value, dict):
-        return {k: _twin(v, index, total) for k, v in value.items()}
+        return {k: _twin(v, twins, total) for k, v in value.items()}
     if isinstance(value, list):
-        return [_twin(v, index, total) for v in value]
+        return [_twin(v, twins, total) for v in value]
     if isinstance(value, tuple):
-        return tuple(_twin(v, index, total) for v in value)
+        return tuple(_twin(v, twins, total) for v in value)
     return value
 
 
@@ -574,10 +672,14 @@ def _call_options(job: ForgeJob, options: dict, cond_or_uncond: list, twinned: l
     to["cond_or_uncond"] = new_cu
     if "uuids" in to:
         to["uuids"] = list(to["uuids"]) + [to["uuids"][e] for e in twinned]
-    if "cond_mark" in to:  # Forge 2: one entry per row
-        sigmas = to.get("sigmas")
-        marks_list = [float(cu) for cu in new_cu for _ in range(rows)]
-        to["cond_mark"] = torch.tensor(marks_list).to(sigmas) if torch.is_tensor(sigmas) else torch.tensor(marks_list)
+    if "cond_mark" in to:  # Forge 2: one entry per row; the twins are cond rows (0), appended on the device
+        mark = to["cond_mark"]
+        if torch.is_tensor(mark) and mark.ndim == 1 and mark.shape[0] == len(cond_or_uncond) * rows:
+            to["cond_mark"] = torch.cat([mark, mark.new_zeros(len(twinned) * rows)])
+        else:
+            sigmas = to.get("sigmas")
+            marks_list = [float(cu) for cu in new_cu for _ in range(rows)]
+            to["cond_mark"] = torch.tensor(marks_list).to(sigmas) if torch.is_tensor(sigmas) else torch.tensor(marks_list)
     if "cond_indices" in to or "uncond_indices" in to:
         to["cond_indices"] = [i * rows + r for i, cu in enumerate(new_cu) if cu == 0 for r in range(rows)]
         to["uncond_indices"] = [i * rows + r for i, cu in enumerate(new_cu) if cu != 0 for r in range(rows)]
@@ -589,10 +691,12 @@ def _call_options(job: ForgeJob, options: dict, cond_or_uncond: list, twinned: l
 
 def _add_patches(job: ForgeJob, model_options: dict) -> None:
     """attn1 replace patches through the host's ``set_model_options_patch_replace`` (it copies the dicts it changes)."""
-    for key, strength in job.keys():
+    for layer, strength in job.selection.chosen:
+        key = (layer.host_block[0], layer.host_block[1], layer.transformer)
         existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         previous = existing.get(key, existing.get(key[:2]))
-        job.host.set_patch_replace(model_options, _make_attn1_patch(job, previous, strength), "attn1", *key)
+        job.host.set_patch_replace(model_options, _make_attn1_patch(job, previous, strength, layer_key(layer.path)),
+                                   "attn1", *key)
 
 
 class _Projected:
@@ -614,9 +718,11 @@ class _Projected:
         return t
 
 
-def _make_attn1_patch(job: ForgeJob, previous, strength: float):
+def _make_attn1_patch(job: ForgeJob, previous, strength: float, layer_key: int = 0):
     """attn1 replace patch: marked rows get ``(1−a)·attn + a·perturbed`` before ``to_out`` (linear: the
-    same as mixing after it); other rows go to the patch that was there, or the host's attention."""
+    same as mixing after it); other rows go to the patch that was there, or the host's attention. The rows
+    come from the call's ``PagRows`` (host-side): no device data is read."""
+    strengths = ((1, float(strength)),)
 
     def through(q, k, v, extra):
         if previous is not None:
@@ -628,27 +734,30 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
         if mark is None or not job.live:
             return through(q, k, v, extra)
         shape = extra.get("original_shape")
-        rows = mark.rows_for(q.shape[0], int(shape[0]) if shape else None).to(q.device)
-        if not bool(rows.any()):
+        layout = mark.layout_for(q.shape[0], int(shape[0]) if shape else None)
+        plan = module_plan(layout, strengths)
+        if plan is None:
             return through(q, k, v, extra)
         job.perturbed_calls += 1
         grid = job.grids.grid_for(q.shape[1])
         heads = extra["n_heads"]
-        perturbed = job.perturbation(_Projected(q[rows], k[rows], v[rows], heads), q[rows], grid=grid)
-        if previous is None and strength == 1.0:
-            if bool(rows.all()):
-                return perturbed
-            keep = ~rows
-            plain = job.host.attention(q[keep], k[keep], v[keep], heads, extra)
-            out = torch.empty((q.shape[0],) + tuple(plain.shape[1:]), dtype=plain.dtype, device=plain.device)
-            out[keep] = plain
-            out[rows] = perturbed.to(plain.dtype)
-            return out
-        base = through(q, k, v, extra)
-        out = base.clone()
-        mixed = perturbed.float() if strength == 1.0 else (1.0 - strength) * base[rows].float() + strength * perturbed.float()
-        out[rows] = mixed.to(base.dtype)
-        return out
+        outputs = [None]
+        if plan.own is not None:
+            own = plan.own
+            if previous is None:
+                outputs[0] = job.host.attention(own.take(q), own.take(k), own.take(v), heads, extra)
+            else:  # someone else's patch gets the whole batch, as without PAG; PAG's rows are replaced after
+                outputs[0] = own.take(previous(q, k, v, extra))
+        for branch in plan.branches:
+            rows = branch.rows
+            perturbed = job.perturbation(_Projected(rows.take(q), rows.take(k), rows.take(v), heads), rows.take(q),
+                                         grid=grid, keys=_draw_keys(layout, rows, mark.draw, layer_key))
+            if branch.strength < 1.0:
+                a = branch.strength
+                perturbed = ((1.0 - a) * promote(branch.in_own.take(outputs[0])) + a * promote(perturbed)).to(outputs[0].dtype)
+            outputs.append(perturbed)
+        dtype = outputs[0].dtype if outputs[0] is not None else outputs[1].dtype
+        return assemble(plan, [o if o is None or o.dtype == dtype else o.to(dtype) for o in outputs])
 
     patch.__pag_patch__ = True
     return patch
@@ -668,7 +777,14 @@ def _make_post_cfg(job: ForgeJob):
             job.log.append((n, total, sigma, 0.0, "off"))
             return denoised
         cond_denoised = args["cond_denoised"]
-        if step is not None and step.complete and step.scale == scale:
+        if job.fork_checks.failed():  # one read of the device per step, after the UNet calls
+            _stop_forking(job, n)
+        matched = step is not None and step.complete and step.scale == scale
+        if matched and step.checks.failed():
+            log.warning("PAG: a perturbed twin was matched to the wrong cond entry (another UNet call during the "
+                        "step); separate call this step")
+            matched = False
+        if matched:
             perturbed, how = step.result(), "batched"
         else:
             if _mode(job) == "batched":
@@ -688,6 +804,17 @@ def _make_post_cfg(job: ForgeJob):
     return _tag(post_cfg, job)
 
 
+def _stop_forking(job: ForgeJob, call: int) -> None:
+    """A forked call's twin had inputs other than its cond entry's: the fork is off for the rest of the job
+    (log and ``PAG note``; that call's twins shared their cond rows' prefix)."""
+    job.fork_checks.failed_at = f"model call {call}"
+    job.fork_point = None
+    note = (f"shared-prefix fork off from model call {call}: a perturbed twin's inputs differed from its cond row's "
+            "(another extension changed them after PAG built the twins); that call's twins shared the cond rows' prefix")
+    log.warning("PAG: %s", note)
+    write_note(job.p, note, keep_settings=True)
+
+
 def and_weight(cond) -> float:
     """Σ of the AND sub-prompts' strengths of one image (the host's ``edit_strength``); 1 without them."""
     try:
@@ -701,7 +828,7 @@ def _separate(job: ForgeJob, args) -> torch.Tensor:
     options = dict(args["model_options"])
     options["transformer_options"] = dict(options.get("transformer_options", {}))
     _add_patches(job, options)
-    options["transformer_options"][MARK] = PagRows(None)
+    options["transformer_options"][MARK] = PagRows(None, job.draw, job.images, int(args["input"].shape[0]))
     before = job.perturbed_calls
     with job.watching_grids():
         out = job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)

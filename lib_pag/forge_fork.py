@@ -39,8 +39,11 @@ import weakref
 
 import torch
 
-from .fork import DISABLE_ENV, ForkPoint, _is_own_bound_forward, _same_inputs, _take, first_perturbed_stage
+from .fork import (
+    DISABLE_ENV, ForkChecks, ForkPoint, _is_own_bound_forward, first_perturbed_stage, fork_plan, inputs_differ, take_rows,
+)
 from .layers import LayerSelection
+from .layout import RowLayout
 
 log = logging.getLogger("sd_webui_pag")
 
@@ -89,29 +92,34 @@ _ABSENT = object()  # ForkPlan.restore: the host's options had no such key
 
 @dataclasses.dataclass(frozen=True)
 class ForkPlan:
-    """What one twinned UNet call needs to fork: ``host_rows`` rows of the host, then one twin per entry of
-    ``source`` (the host row it copies, CPU long); ``restore``: for every ``transformer_options`` key PAG
-    set or changed for the twins, the host's own value (``_ABSENT``: none), so the prefix sees the options
-    the UNet really receives — with whatever a wrapper between PAG's and the UNet added — for the host's rows."""
+    """What one twinned UNet call needs to fork: its ``layout`` (the host's rows, then the twins with the host
+    row each copies: ``lib_pag.layout``), the ``stages`` (``fork.fork_stages``) and ``restore``: for every
+    ``transformer_options`` key PAG set or changed for the twins, the host's own value (``_ABSENT``: none),
+    so the prefix sees the options the UNet really receives — with whatever a wrapper between PAG's and the
+    UNet added — for the host's rows. ``checks`` gets the deferred twin-input check of every forked call."""
 
-    point: ForkPoint
-    host_rows: int
-    source: torch.Tensor
+    stages: tuple
+    layout: RowLayout
     restore: dict
+    checks: ForkChecks | None = None
 
     @property
     def rows(self) -> int:
-        return self.host_rows + int(self.source.numel())
+        return self.layout.n
+
+    @property
+    def point(self) -> ForkPoint:
+        return self.stages[0][0]
 
     @classmethod
-    def between(cls, point: ForkPoint, host_rows: int, source: torch.Tensor, host_options: dict, call_options: dict):
+    def between(cls, stages, layout: RowLayout, host_options: dict, call_options: dict, checks: ForkChecks | None = None):
         """The plan for a call whose options PAG built as ``call_options`` from the host's ``host_options``
         (compared by identity, key by key; before ``FORK_KEY`` and PAG's wrapper are added)."""
         restore = {k: host_options.get(k, _ABSENT) for k in set(host_options) | set(call_options)
                    if k not in call_options or k not in host_options or call_options[k] is not host_options[k]}
         restore[FORK_KEY] = _ABSENT
         restore["wrappers"] = host_options.get("wrappers", _ABSENT)
-        return cls(point, host_rows, source, restore)
+        return cls(tuple(stages), layout, restore, checks)
 
     def prefix_options(self, received: dict) -> dict:
         """The options the UNet received, with PAG's twin bookkeeping undone: what the host's rows see."""
@@ -125,7 +133,8 @@ class ForkPlan:
 
 
 def fork_point(selection: LayerSelection | None) -> ForkPoint | None:
-    """The block boundary to fork at, or None (no layers, a down-path layer first, or turned off)."""
+    """The block boundary to fork at, or None (no layers, or turned off): before an input block, the middle
+    block or an output block."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
     point = first_perturbed_stage(selection)
@@ -166,46 +175,48 @@ def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, c
     """The host forward's output for this call, its prefix run on the host's rows only; None to decline.
 
     ``x``: ``[N, C, H, W]`` with N = ``plan.rows`` (or k·N: k tiles of the call stacked tile-major, as
-    Forge's MultiDiffusion does). Declines (the caller runs the host forward) when the forward is not
-    the mirrored one, the rows do not fit the plan, or a twin's inputs differ from its source row's.
+    Forge's MultiDiffusion does). Declines (the caller runs the host forward) when the forward is not the
+    mirrored one or the rows do not fit the plan. Reads no device data: whether a twin's inputs equal its
+    source row's is checked on the device and read by the adapter once per step (``plan.checks``).
     """
     function = getattr(type(unet), "forward" if host.flavor == "forge2" else "_forward", None)
     reason = unmirrored(function, host)
     if reason is None and getattr(unet, "predict_codebook_ids", False):
         reason = "the UNet predicts codebook ids"
-    if reason is None and plan.point.part == "output" and not 0 <= plan.point.index < len(unet.output_blocks):
-        reason = f"{plan.point} does not exist"
+    stages = tuple(plan.stages)
+    for point, _ in stages:
+        if reason is None and point.part == "output" and not 0 <= point.index < len(unet.output_blocks):
+            reason = f"{point} does not exist"
+        if reason is None and point.part == "input" and not 0 <= point.index < len(unet.input_blocks):
+            reason = f"{point} does not exist"
+        if reason is None and point.part == "middle" and point.index != 0:
+            reason = f"{point} is not a block boundary"
     options = transformer_options if transformer_options is not None else {}
     if reason is None and host.flavor == "forge2" and (options.get("block_modifiers") or options.get("block_inner_modifiers")):
         # they see every block in turn and may carry state from one to the next (ControlNet's tile_colorfix
         # keeps input block 0's h until the last block): rows that change size on the way would break them
         reason = "block modifiers are set (they may carry state from block to block)"
+    if reason is None and len(stages) != 1:
+        reason = "several join points (one per branch) are not walked on this host"
     n = int(x.shape[0])
-    if reason is None and (n % plan.rows or not plan.source.numel()):
-        reason = f"a UNet call of {n} rows does not fit the {plan.rows} rows of the twinned batch"
+    fitted = None
+    if reason is None:
+        try:
+            fitted = plan.layout.fit(n, n)
+        except RuntimeError:
+            reason = f"a UNet call of {n} rows does not fit the {plan.rows} rows of the twinned batch"
+    rows = fork_plan(fitted, stages) if fitted is not None else None
+    if reason is None and rows is None:
+        reason = "nothing to share in this call"
     if reason is not None:
         log.debug("PAG fork off: %s", reason)
         return None
-    tiles = n // plan.rows
-    keep, gather = _rows(plan, tiles)
     full = (x, timesteps, context, y, control, kwargs)
-    twins = [(t * plan.rows + plan.host_rows + i, t * plan.rows + int(s))
-             for t in range(tiles) for i, s in enumerate(plan.source.tolist())]
-    for twin, src in twins:
-        if not _same_inputs(full, n, twin, src):
-            log.debug("PAG fork off: row %d's inputs differ from its source row %d", twin, src)
-            return None
-    log.debug("PAG fork before %s: prefix on %d of %d rows", plan.point, keep.numel(), n)
-    return _walk(unet, host.flavor == "forge2", sys.modules[type(unet).__module__], plan.point, keep.to(x.device),
-                 gather.to(x.device), full, plan.prefix_options(options), options)
-
-
-def _rows(plan: ForkPlan, tiles: int):
-    """(rows that run the prefix, for every row of the call its row in the prefix batch), CPU long."""
-    per_tile = torch.cat([torch.arange(plan.host_rows), plan.source.long()])
-    keep = torch.cat([torch.arange(plan.host_rows) + t * plan.rows for t in range(tiles)])
-    gather = torch.cat([per_tile + t * plan.host_rows for t in range(tiles)])
-    return keep, gather
+    if plan.checks is not None:
+        plan.checks.add(inputs_differ(full, n, rows))
+    log.debug("PAG fork before %s: prefix on %d of %d rows", plan.point, len(rows.prefix), n)
+    return _walk(unet, host.flavor == "forge2", sys.modules[type(unet).__module__], rows, full,
+                 plan.prefix_options(options), options)
 
 
 class _Segment:
@@ -216,13 +227,15 @@ class _Segment:
         self.patches = options.get("patches", {})
 
 
-def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_options: dict, options: dict):
+def _walk(unet, forge2: bool, mod, rows, full, prefix_options: dict, options: dict):
+    """The host forward, statement for statement, on ``rows.prefix`` until each stage's join point."""
     x, timesteps, context, y, control, kwargs = full
     n = int(x.shape[0])
-    xk, tk, ck, yk, control_k, kwargs_k = (_take(v, keep, n) for v in full)
+    xk, tk, ck, yk, control_k, kwargs_k = (take_rows(v, rows.prefix, n) for v in full)
     seg = _Segment(ck, control_k, prefix_options, kwargs_k)
     seg.options["original_shape"] = list(xk.shape)
     seg.options["transformer_index"] = 0
+    stages_left = list(rows.stages)
 
     def block(module, h, emb, output_shape=None, output=False):
         if forge2:
@@ -235,9 +248,12 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
                                           num_video_frames=kw.get("num_video_frames", unet.default_num_video_frames),
                                           image_only_indicator=kw.get("image_only_indicator", None))
 
-    def fork(h, hs, emb):
+    def due(part, index):
+        return bool(stages_left) and (stages_left[0].point.part, stages_left[0].point.index) == (part, index)
+
+    def join(h, hs, emb):
         nonlocal seg
-        kept = int(h.shape[0])
+        stage = stages_left.pop(0)
         index = seg.options.get("transformer_index", 0)
         rest = control
         if isinstance(control, dict) and isinstance(seg.control, dict):
@@ -247,7 +263,8 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
         seg = _Segment(context, rest, options, kwargs)
         seg.options["original_shape"] = list(x.shape)
         seg.options["transformer_index"] = index
-        return _take(h, gather, kept), [_take(t, gather, kept) for t in hs], _take(emb, gather, kept)
+        g = stage.gather
+        return g.take(h), [g.take(t) for t in hs], g.take(emb)
 
     t_emb = mod.timestep_embedding(tk, unet.model_channels, repeat_only=False).to(xk.dtype)
     emb = unet.time_embed(t_emb)
@@ -258,6 +275,8 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
         emb = emb + unet.label_emb(yk)
     h, hs = xk, []
     for i, module in enumerate(unet.input_blocks):
+        if due("input", i):
+            h, hs, emb = join(h, hs, emb)
         seg.options["block"] = ("input", i)
         h = block(module, h, emb)
         h = mod.apply_control(h, seg.control, "input")
@@ -266,15 +285,15 @@ def _walk(unet, forge2: bool, mod, point: ForkPoint, keep, gather, full, prefix_
         hs.append(h)
         for patch in seg.patches.get("input_block_patch_after_skip", []):
             h = patch(h, seg.options)
-    if point.part == "middle":
-        h, hs, emb = fork(h, hs, emb)
+    if due("middle", 0):
+        h, hs, emb = join(h, hs, emb)
     seg.options["block"] = ("middle", 0)
     if forge2 or unet.middle_block is not None:
         h = block(unet.middle_block, h, emb)
     h = mod.apply_control(h, seg.control, "middle")
     for i, module in enumerate(unet.output_blocks):
-        if point.part == "output" and point.index == i:
-            h, hs, emb = fork(h, hs, emb)
+        if due("output", i):
+            h, hs, emb = join(h, hs, emb)
         seg.options["block"] = ("output", i)
         hsp = hs.pop()
         hsp = mod.apply_control(hsp, seg.control, "output")

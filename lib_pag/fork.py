@@ -1,20 +1,25 @@
-"""Shared-prefix fork: the perturbed twins skip the UNet blocks before the first perturbed layer.
+"""Shared-prefix fork: the perturbed twins skip the UNet blocks before their branch's first perturbed layer.
 
-A perturbed twin has the same ``x``, timestep, context and ``y`` as its source row, and no layer
-before the first perturbed attn1 treats it differently, so everything up to that point is the same
-for both. ``forked_forward`` runs that prefix on the other rows only, then copies ``h``, every skip
-tensor in ``hs``, ``emb`` and ``context`` of each source row into its twin's place and runs the rest
-of the UNet on the full batch.
+A perturbed twin has the same ``x``, timestep, context and ``y`` as its source row (the host adapter built
+it as a copy and says which row it copies: ``RowLayout.sources``), and no layer before its branch's first
+perturbed layer treats it differently, so everything up to that point is the same for both.
+``forked_forward`` runs that prefix on the plain rows only; at each branch's join point (``fork_stages``:
+before an input block, a child of the middle block or an output block) it copies ``h``, every skip tensor
+in ``hs`` and ``emb`` of each source row into its twin's place, and the batch grows; the rest runs on the
+full batch. All of that bookkeeping is host-side and made once per layout (``fork_plan``): the call reads
+no device data. That the twins' inputs really equal their sources' is checked on the device without
+waiting (``inputs_differ``), and read by the adapter once per step (``ForkChecks``).
 
 The walker mirrors ``UNetModel.forward`` of ``ldm`` (SD1.x/SD2.x) and ``sgm`` (SDXL) block by block
 and only runs on a UNet whose forward is one of those (A1111's ``sd_unet`` dispatcher around them
 included, while no alternative UNet such as TensorRT is active). Anything else (an instance
-``forward`` from ControlNet, another class forward, extra keyword arguments, twins whose inputs are
-not bitwise those of their source) makes it answer None, and the caller runs the normal forward.
+``forward`` from ControlNet, another class forward, extra keyword arguments, a layout without source
+rows) makes it answer None, and the caller runs the normal forward.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import LayerSelection
-from .patch import fit_rows
+from .layout import PLAIN, RowLayout, Rows
 
 log = logging.getLogger("sd_webui_pag")
 
@@ -35,17 +40,24 @@ _ORIGINAL_MODULES = {
 _REGISTERED: dict = {}  # forward function -> flavor, for UNet classes that mirror ldm/sgm (test doubles)
 
 
+PART_ORDER = {"input": 0, "middle": 1, "output": 2}
+
+
 @dataclass(frozen=True)
 class ForkPoint:
-    """Where the batch forks: before ``input_blocks[i]`` / ``middle_block[i]`` / ``output_blocks[i]``."""
+    """Where twins join the batch: before ``input_blocks[i]`` / ``middle_block[i]`` / ``output_blocks[i]``."""
 
-    part: str  # "middle" | "output"
+    part: str  # "input" | "middle" | "output"
     index: int
 
     def __str__(self):
         if self.part == "middle" and self.index == 0:
             return "middle_block"
-        return f"{self.part}_block{'s' if self.part == 'output' else ''}[{self.index}]"
+        return f"{self.part}_block{'' if self.part == 'middle' else 's'}[{self.index}]"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return PART_ORDER[self.part], self.index
 
 
 @dataclass(frozen=True)
@@ -67,18 +79,86 @@ def register_original_forward(function, flavor: str = "sgm") -> None:
 # --- where to fork -------------------------------------------------------------------------------
 
 def first_perturbed_stage(selection: LayerSelection | None) -> ForkPoint | None:
-    """The fork point for a selection, or None (no layers, or the first one is on the down path)."""
+    """Where a branch's twins join: before the block holding its first perturbed layer (inside the middle
+    block: before the child holding it). None for no layers."""
     if selection is None or not selection.chosen:
         return None
     first = selection.first_in_forward_order()
-    if first.part == "down":
-        return None
     if first.part == "mid":
         # "middle_block.<child>.transformer_blocks.<j>.attn1": the children before it are shared too
         pieces = first.path.split(".")
         child = int(pieces[1]) if len(pieces) > 1 and pieces[1].isdigit() else 0
         return ForkPoint("middle", child)
-    return ForkPoint("output", int(first.host_block[1]))
+    return ForkPoint(HOST_PART[first.part], int(first.host_block[1]))
+
+
+HOST_PART = {"down": "input", "up": "output"}
+
+
+def fork_stages(selections) -> tuple[tuple[ForkPoint, tuple[int, ...]], ...] | None:
+    """``((point, labels joining there), ...)`` in forward order for the branches' selections (a
+    ``LayerSelection`` = branch 1, or ``{label: LayerSelection}``); None when the fork is off
+    (``SD_WEBUI_PAG_NO_FORK``) or a branch has no layers."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    if not isinstance(selections, dict):
+        selections = {1: selections}
+    joins: dict[ForkPoint, list[int]] = {}
+    for label, selection in selections.items():
+        point = first_perturbed_stage(selection)
+        if point is None:
+            return None
+        joins.setdefault(point, []).append(int(label))
+    return tuple((point, tuple(labels)) for point, labels in sorted(joins.items(), key=lambda kv: kv[0].order))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One join: before ``point``, the batch grows from the rows computed so far to ``active`` (rows of the
+    full call, in order); ``gather`` picks, for each of them, its row in the batch so far (a twin: its source's)."""
+
+    point: ForkPoint
+    labels: tuple[int, ...]
+    active: Rows
+    gather: Rows
+
+
+@dataclass(frozen=True)
+class ForkPlan:
+    """The host-side bookkeeping of one forked call, made once per layout: the prefix rows (the plain ones)
+    and the stages; ``twins``/``sources``: every twin row and its source row (for the input check)."""
+
+    prefix: Rows
+    stages: tuple[Stage, ...]
+    twins: Rows
+    sources: Rows
+
+
+@functools.lru_cache(maxsize=256)
+def fork_plan(layout: RowLayout, stages: tuple) -> ForkPlan | None:
+    """The plan for ``layout`` (with sources) and ``stages`` (``fork_stages``), or None when there is nothing
+    to share (no plain row, no twin of a forking branch, a twin without a known source)."""
+    if layout.sources is None:
+        return None
+    labels = layout.labels
+    plain = [i for i, lab in enumerate(labels) if lab == PLAIN]
+    stage_of = {label: k for k, (_, joining) in enumerate(stages) for label in joining}
+    if not plain or any(lab != PLAIN and lab not in stage_of for lab in labels):
+        return None  # a twin whose branch has no fork point: it must run the whole UNet
+    active, built = list(plain), []
+    for k, (point, joining) in enumerate(stages):
+        joined = [i for i, lab in enumerate(labels) if lab in joining]
+        if not joined:
+            continue
+        position = {row: j for j, row in enumerate(active)}
+        grown = sorted(active + joined)
+        gather = [position[i] if i in position else position[layout.sources[i]] for i in grown]
+        built.append(Stage(point, tuple(joining), Rows(grown), Rows(gather)))
+        active = grown
+    if not built:
+        return None
+    twins = [i for i, lab in enumerate(labels) if lab != PLAIN]
+    return ForkPlan(Rows(plain), tuple(built), Rows(twins), Rows([layout.sources[i] for i in twins]))
 
 
 # --- which forward the UNet has ------------------------------------------------------------------
@@ -127,17 +207,64 @@ def _unwrap_a1111(function):
     return cells[code.co_freevars.index("original_forward")].cell_contents
 
 
+# --- the input check (deferred: no sync inside the call) -------------------------------------------
+
+def inputs_differ(inputs, n: int, plan: ForkPlan) -> torch.Tensor | None:
+    """A device bool: whether any twin's inputs differ from its source row's (every per-row tensor in
+    ``inputs``, also inside lists/dicts). Computed without waiting for the device; the host adapter reads it
+    once per step, after the UNet ran (``ForkChecks.failed``). None when there is nothing to compare."""
+    flags = [(plan.twins.take(t) != plan.sources.take(t)).flatten().any()
+             for t in _tensors(inputs) if t.ndim >= 1 and t.shape[0] == n]
+    if not flags:
+        return None
+    return torch.stack([f.to(flags[0].device) for f in flags]).any()
+
+
+class ForkChecks:
+    """The deferred input checks of one job's forked calls: the fork trusts that a twin's inputs are its
+    source row's (PAG built them so); each forked call leaves a device flag here, and the adapter asks once
+    per step, after the UNet calls (one host–device sync per step, none inside a call)."""
+
+    def __init__(self):
+        self.pending: list[torch.Tensor] = []
+        self.failed_at: str | None = None  # set once a check failed: the fork stays off for the job
+
+    def add(self, flag: torch.Tensor | None) -> None:
+        if flag is not None:
+            self.pending.append(flag)
+
+    def failed(self) -> bool:
+        """Whether a forked call since the last question had a twin whose inputs differed (reads the device)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return False
+        return bool(torch.stack([f.to(pending[0].device) for f in pending]).any())
+
+
 # --- the forked forward ----------------------------------------------------------------------------
 
 def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, context=None, y=None, *,
-                   perturbed, source=None, first_block: ForkPoint | None, **kwargs) -> torch.Tensor | None:
-    """The UNet output for ``x``, the prefix before ``first_block`` computed for the unperturbed rows only.
+                   layout: RowLayout | None = None, stages=None, perturbed=None, source=None,
+                   first_block: ForkPoint | None = None, checks: ForkChecks | None = None, **kwargs) -> torch.Tensor | None:
+    """The UNet output for ``x``, each branch's twins joining the batch at its stage (before that, only the
+    rows they copy are computed). Returns None when the fork cannot be used: the caller then runs
+    ``unet(x, ...)`` as usual.
 
-    ``perturbed``: bool mask over the batch; ``source``: for each perturbed row (in order) the index of
-    the row it copies, or None to find it (the first unperturbed row with identical inputs). Returns
-    None when the fork cannot be used: the caller then runs ``unet(x, ...)`` as usual.
+    ``layout``: the rows of the call (labels and sources, ``lib_pag.layout``) and ``stages``
+    (``fork_stages``); or, for one branch, ``perturbed`` (a bool mask), ``source`` (for each perturbed row
+    the row it copies) and ``first_block``. A call of ``k·N`` rows for a layout of ``N`` is ``k`` tiles of it.
+    Nothing here reads device data; ``checks`` gets the deferred twin-input check.
     """
-    if first_block is None or perturbed is None or kwargs:
+    if layout is None:
+        if perturbed is None or first_block is None:
+            return None
+        try:
+            layout = RowLayout.from_mask(torch.as_tensor(perturbed, dtype=torch.bool).reshape(-1).tolist(), sources=source)
+        except ValueError as err:
+            log.debug("PAG fork off: %s", err)
+            return None
+        stages = ((first_block, (1,)),)
+    if stages is None or kwargs:
         if kwargs:
             log.debug("PAG fork off: extra UNet arguments %s", ", ".join(sorted(kwargs)))
         return None
@@ -145,41 +272,40 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
     if plain is None:
         return None
     n = x.shape[0]
-    perturbed = torch.as_tensor(perturbed, dtype=torch.bool).reshape(-1).cpu()
-    if perturbed.numel() != n and n % perturbed.numel() == 0 and source is None:
-        perturbed = fit_rows(perturbed, n, n)  # k tiles of the marked batch (Tiled Diffusion)
-    if perturbed.numel() != n:
-        log.debug("PAG fork off: a UNet call of %d rows does not fit the %d marked rows", n, perturbed.numel())
-        return None
-    if not bool(perturbed.any()) or bool(perturbed.all()):
+    try:
+        layout = layout.fit(n, n)
+    except RuntimeError:
+        log.debug("PAG fork off: a UNet call of %d rows does not fit the %d marked rows", n, layout.n)
         return None
     if (y is not None) != (getattr(unet, "num_classes", None) is not None):
         return None
     if getattr(unet, "predict_codebook_ids", False):
         return None
-    if first_block.part == "output" and not 0 <= first_block.index < len(unet.output_blocks):
-        return None
-    inputs = (x, timesteps, context, y)
-    keep = ~perturbed
-    source = _sources(inputs, n, perturbed, keep, source)
-    if source is None:
-        return None
     mod = plain.module
-    middle = unet.middle_block
-    if first_block.part == "middle" and first_block.index > 0 and not _can_split(middle, mod):
-        first_block = ForkPoint("middle", 0)
-    log.debug("PAG fork before %s: prefix on %d of %d rows", first_block, n - source.numel(), n)
-    device = x.device
-    keep_rows = keep.nonzero().flatten().to(device)
-    kept_position = torch.cumsum(keep.long(), 0) - 1
-    origin = torch.arange(n)
-    origin[perturbed] = source
-    gather = kept_position[origin].to(device)  # full-batch row -> its row in the unforked prefix
-
+    stages = _placed(unet, mod, tuple(stages))
+    if stages is None:
+        return None
+    plan = fork_plan(layout, stages)
+    if plan is None:
+        log.debug("PAG fork off: nothing to share in this call (%s)", "no source rows" if layout.sources is None else "layout")
+        return None
+    if checks is not None:
+        checks.add(inputs_differ((x, timesteps, context, y), n, plan))
+    log.debug("PAG fork before %s: prefix on %d of %d rows", ", ".join(str(s.point) for s in plan.stages),
+              len(plan.prefix), n)
     cat = getattr(getattr(mod, "th", None) or getattr(mod, "torch", torch), "cat")  # A1111 hijacks th.cat
+    stages_left = list(plan.stages)
 
-    # the prefix, unperturbed rows only
-    xk, tk, ck, yk = (_take(v, keep_rows, n) for v in inputs)
+    def due(part, index):
+        return bool(stages_left) and (stages_left[0].point.part, stages_left[0].point.index) == (part, index)
+
+    def join(h, hs, emb):
+        stage = stages_left.pop(0)
+        g = stage.gather
+        return g.take(h), [g.take(t) for t in hs], g.take(emb), take_rows(context, stage.active, n)
+
+    rows = plan.prefix
+    xk, tk, ck, yk = (take_rows(v, rows, n) for v in (x, timesteps, context, y))
     t_emb = mod.timestep_embedding(tk, unet.model_channels, repeat_only=False)
     weight = getattr(unet.time_embed[0], "weight", None)
     if weight is not None and t_emb.dtype != weight.dtype and not torch.is_autocast_enabled():
@@ -189,63 +315,60 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
         emb = emb + unet.label_emb(yk)
     h = xk.type(unet.dtype) if plain.flavor == "ldm" and isinstance(getattr(unet, "dtype", None), torch.dtype) else xk
     hs = []
-    for block in unet.input_blocks:
-        h = block(h, emb, ck)
+    ctx = ck
+    for i, block in enumerate(unet.input_blocks):
+        if due("input", i):
+            h, hs, emb, ctx = join(h, hs, emb)
+        h = block(h, emb, ctx)
         hs.append(h)
-
-    output_start = 0
-    if first_block.part == "middle":
-        split = first_block.index
-        h = _run_children(middle, mod, h, emb, ck, 0, split)
-        h, hs, emb, context = _fork(gather, n, h, hs, emb, ck)
-        h = middle(h, emb, context) if split == 0 else _run_children(middle, mod, h, emb, context, split, len(middle))
+    middle = unet.middle_block
+    if not any(s.point.part == "middle" for s in stages_left):
+        h = middle(h, emb, ctx)
     else:
-        h = middle(h, emb, ck)
-        output_start = first_block.index
-        for block in list(unet.output_blocks)[:output_start]:
-            h = block(cat([h, hs.pop()], dim=1), emb, ck)
-        h, hs, emb, context = _fork(gather, n, h, hs, emb, ck)
-
-    # the rest, full batch
-    for block in list(unet.output_blocks)[output_start:]:
-        h = block(cat([h, hs.pop()], dim=1), emb, context)
+        done = 0
+        while stages_left and stages_left[0].point.part == "middle":
+            split = stages_left[0].point.index
+            if split > done:
+                h = _run_children(middle, mod, h, emb, ctx, done, split)
+                done = split
+            h, hs, emb, ctx = join(h, hs, emb)
+        h = middle(h, emb, ctx) if done == 0 else _run_children(middle, mod, h, emb, ctx, done, len(middle))
+    for i, block in enumerate(unet.output_blocks):
+        if due("output", i):
+            h, hs, emb, ctx = join(h, hs, emb)
+        h = block(cat([h, hs.pop()], dim=1), emb, ctx)
     h = h.type(x.dtype)
     return unet.out(h)
 
 
-def _sources(inputs, n, perturbed, keep, source):
-    """Validated source rows (a CPU long tensor, one per perturbed row), or None."""
-    pert_rows = perturbed.nonzero().flatten()
-    if source is not None:
-        source = torch.as_tensor(source, dtype=torch.long).reshape(-1).cpu()
-        if source.numel() != pert_rows.numel() or bool((source < 0).any()) or bool((source >= n).any()):
-            log.debug("PAG fork off: %d source rows for %d perturbed rows", source.numel(), pert_rows.numel())
+def _placed(unet, mod, stages):
+    """The stages as this UNet can fork them: a join inside the middle block moves before it when its
+    children cannot be run one by one (``_can_split``); None when a point does not exist."""
+    placed: dict[ForkPoint, list[int]] = {}
+    can_split = None
+    for point, labels in stages:
+        if point.part == "output" and not 0 <= point.index < len(unet.output_blocks):
             return None
-        if not bool(keep[source].all()):
-            log.debug("PAG fork off: a source row is itself perturbed")
+        if point.part == "input" and not 0 <= point.index < len(unet.input_blocks):
             return None
-        for p, s in zip(pert_rows.tolist(), source.tolist()):
-            if not _same_inputs(inputs, n, p, s):
-                log.debug("PAG fork off: row %d's inputs differ from its source row %d", p, s)
-                return None
-        return source
-    candidates = keep.nonzero().flatten().tolist()
-    found = []
-    for p in pert_rows.tolist():
-        s = next((c for c in candidates if _same_inputs(inputs, n, p, c)), None)
-        if s is None:
-            log.debug("PAG fork off: perturbed row %d has no unperturbed row with the same inputs", p)
-            return None
-        found.append(s)
-    return torch.tensor(found, dtype=torch.long)
+        if point.part == "middle" and point.index > 0:
+            if can_split is None:
+                can_split = _can_split(unet.middle_block, mod)
+            if not can_split:
+                point = ForkPoint("middle", 0)
+        placed.setdefault(point, []).extend(labels)
+    return tuple((point, tuple(labels)) for point, labels in sorted(placed.items(), key=lambda kv: kv[0].order))
 
 
-def _same_inputs(inputs, n, a, b) -> bool:
-    for value in inputs:
-        for t in _tensors(value):
-            if t.ndim >= 1 and t.shape[0] == n and not torch.equal(t[a], t[b]):
-                return False
-    return True
+def take_rows(value, rows: Rows, n: int):
+    """The given rows of per-row tensors (also inside lists/dicts); everything else as is."""
+    if torch.is_tensor(value):
+        return rows.take(value) if value.ndim >= 1 and value.shape[0] == n else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, n) for k, v in value.items()}
+    return value
 
 
 def _tensors(value):
@@ -257,24 +380,6 @@ def _tensors(value):
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
-
-
-def _take(value, rows, n):
-    """The given rows of per-row tensors (also inside lists/dicts); everything else as is."""
-    if torch.is_tensor(value):
-        return value.index_select(0, rows.to(value.device)) if value.ndim >= 1 and value.shape[0] == n else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(v, rows, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, rows, n) for k, v in value.items()}
-    return value
-
-
-def _fork(gather, n, h, hs, emb, context):
-    """Full-batch ``h``, ``hs``, ``emb``, ``context`` from their unperturbed-rows versions."""
-    kept = int(h.shape[0])
-    return (_take(h, gather, kept), [_take(t, gather, kept) for t in hs], _take(emb, gather, kept),
-            _take(context, gather, kept))
 
 
 def foreign_patch(module: torch.nn.Module, known_forward) -> str | None:
@@ -340,30 +445,37 @@ DISABLE_ENV = "SD_WEBUI_PAG_NO_FORK"  # set to 1 to turn the shared-prefix fork 
 
 
 @contextmanager
-def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, source=None):
+def forking(unet: torch.nn.Module, selection, perturbed, source=None, *, checks: ForkChecks | None = None):
     """Fork the UNet calls made inside the block (an instance ``forward`` on ``unet``, always removed).
 
-    Yields the ForkPoint in use, or None when the fork is off (down-path layer first, replaced
-    forward): calls then run the UNet's own forward untouched.
+    ``selection``: a ``LayerSelection`` (branch 1) or ``{label: LayerSelection}``; ``perturbed``: the call's
+    ``RowLayout`` (with sources), or a bool mask with ``source`` (for each perturbed row the row it copies).
+    Yields the first fork point in use, or None when the fork is off (replaced forward, nothing to share,
+    ``SD_WEBUI_PAG_NO_FORK``): calls then run the UNet's own forward untouched.
     """
-    point = None if os.environ.get(DISABLE_ENV, "") not in ("", "0") else first_perturbed_stage(selection)
+    stages = fork_stages(selection)
+    layout = perturbed
+    if layout is not None and not isinstance(layout, RowLayout):
+        try:
+            layout = RowLayout.from_mask(torch.as_tensor(layout, dtype=torch.bool).reshape(-1).tolist(), sources=source)
+        except ValueError as err:
+            log.debug("PAG fork off: %s", err)
+            layout = None
     previous = unet.__dict__.get("forward")
     if getattr(previous, "__pag_fork__", False):
         log.debug("PAG fork: already forking this UNet; the inner block adds nothing")
-        point = None
-    if perturbed is not None:
-        perturbed = torch.as_tensor(perturbed, dtype=torch.bool).reshape(-1).cpu()
-        if not bool(perturbed.any()) or bool(perturbed.all()):  # nothing to share (separate mode: all rows)
-            point = None
-    if point is None or perturbed is None or original_forward(unet) is None:
+        stages = None
+    if checks is not None and checks.failed_at is not None:
+        stages = None
+    if (stages is None or layout is None or fork_plan(layout, stages) is None  # nothing to share (separate mode: all rows)
+            or original_forward(unet) is None):
         yield None
         return
     state = {"active": True}
 
     def forward(x, timesteps=None, context=None, y=None, *args, **kwargs):
         if state["active"] and not args:
-            out = forked_forward(unet, x, timesteps, context, y, perturbed=perturbed, source=source,
-                                 first_block=point, **kwargs)
+            out = forked_forward(unet, x, timesteps, context, y, layout=layout, stages=stages, checks=checks, **kwargs)
             if out is not None:
                 return out
         own = previous if previous is not None else (lambda *a, **k: type(unet).forward(unet, *a, **k))
@@ -376,7 +488,7 @@ def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, 
     forward.__pag_fork__ = True
     unet.forward = forward
     try:
-        yield point
+        yield stages[0][0]
     finally:
         state["active"] = False
         if unet.__dict__.get("forward") is forward:
@@ -388,5 +500,6 @@ def forking(unet: torch.nn.Module, selection: LayerSelection | None, perturbed, 
             log.warning("PAG: the UNet's forward was replaced while the fork was on; leaving a pass-through")
 
 
-__all__ = ["ForkPoint", "PlainForward", "first_perturbed_stage", "foreign_patch", "forked_forward", "forking", "original_forward",
-           "register_original_forward"]
+__all__ = ["ForkChecks", "ForkPlan", "ForkPoint", "PlainForward", "Stage", "first_perturbed_stage", "foreign_patch", "fork_plan",
+           "fork_stages", "forked_forward", "forking", "inputs_differ", "original_forward", "register_original_forward",
+           "take_rows"]

@@ -13,6 +13,11 @@ import torch
 Conds = Sequence[Sequence[tuple[int, float]]]  # A1111 conds_list: per image [(cond row, weight), ...]
 
 
+def promote(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least fp32: half types (fp16, bf16) go up to fp32, fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype != torch.float32 else t
 

@@ -49,6 +49,27 @@ def comment(p, text: str) -> None:
             pass
 
 
+def image_keys(p, seeds=None, subseeds=None) -> tuple:
+    """Per image of the batch in progress, the key its random perturbation draws start from: its seed — and,
+    when variations are on (``subseed_strength`` > 0), its variation seed and that strength — as the host
+    writes them into each image's infotext (``p.seeds`` / ``p.subseeds``, set per batch by
+    ``processing.process_images_inner``; ``process_batch`` passes the same lists). So image *k* of a batch
+    draws what the same request with its seed and batch size 1 draws. Empty when the host gives no seeds."""
+    seeds = list(seeds if seeds is not None else getattr(p, "seeds", None) or [])
+    subseeds = list(subseeds if subseeds is not None else getattr(p, "subseeds", None) or [])
+    strength = float(getattr(p, "subseed_strength", 0) or 0)
+    keys = []
+    for k, seed in enumerate(seeds):
+        try:
+            key = (int(seed),)
+            if strength > 0 and k < len(subseeds):
+                key += (int(subseeds[k]), round(strength * 1_000_000))
+        except (TypeError, ValueError):
+            return ()
+        keys.append(key)
+    return tuple(keys)
+
+
 def params_from_script_args(args, p=None) -> PagParams:
     """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts)."""
     if len(args) >= 1 and isinstance(args[0], dict):
@@ -103,5 +124,6 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
     return "separate"
 
 
-__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "check_neighbors", "comment", "params_from_script_args",
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "check_neighbors", "comment", "image_keys",
+           "params_from_script_args",
            "read_params", "write_infotext", "write_note"]

@@ -7,58 +7,47 @@ the wrappers perturb exactly those rows and hand every other row to the module's
 from __future__ import annotations
 
 import logging
+import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from .guidance import promote
 from .layers import LayerSelection
+from .layout import RowLayout, Rows, assemble, module_plan
 from .perturbations import Perturbation
 
 log = logging.getLogger("sd_webui_pag")
 
 
-def fit_rows(mask: torch.Tensor, batch: int, unet_rows: int | None = None) -> torch.Tensor:
-    """The marked rows of one attention call, from the mask over the batch the host built.
-
-    ``mask``: bool over the host's batch (``N`` rows); ``unet_rows``: the batch of the UNet call in
-    progress, when known; ``batch``: the attention batch. Two things can multiply rows, each in its
-    own order:
-
-    - a UNet call of ``k·N`` rows holds ``k`` tiles of the whole batch, one tile after another (Tiled
-      Diffusion / MultiDiffusion crop every row of the batch per tile): the mask repeats per tile;
-    - an attention batch of ``j`` × the UNet batch splits each row into ``j`` sub-rows next to each
-      other (hypertile's ``(b nh nw)``): each mask entry repeats ``j`` times.
-
-    Raises ``RuntimeError`` when the sizes do not fit.
-    """
-    n = mask.numel()
-    if unet_rows is not None and unet_rows != n:
-        if unet_rows % n:
-            raise RuntimeError(f"PAG: a UNet call of {unet_rows} rows does not fit the {n} marked rows")
-        mask, n = mask.repeat(unet_rows // n), unet_rows
-    if batch == n:
-        return mask
-    if batch % n == 0:
-        return mask.repeat_interleave(batch // n)
-    raise RuntimeError(f"PAG: attention batch of {batch} rows does not fit the {n} marked UNet rows")
-
-
 class RowMarks:
-    """Which rows of the host's batch are perturbed, and the batch of the UNet call in progress."""
+    """Which rows of the UNet call in progress are perturbed (a ``RowLayout``), and that call's batch.
+
+    Everything here is host-side: the patched modules read the layout fitted to their own batch
+    (``layout_for``), never a device tensor.
+    """
 
     def __init__(self):
-        self.mask: torch.Tensor | None = None
+        self.layout: RowLayout | None = None
         self.unet_rows: int | None = None
+        self.draw: tuple = ()  # this UNet call's key for random perturbations (pass, model call), set by the host adapter
 
     @contextmanager
-    def marking(self, mask):
-        """Mark rows (a bool sequence/tensor over the UNet batch) for the calls made inside the block."""
-        previous = self.mask
-        self.mask = None if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu()
+    def marking(self, layout, draw: tuple | None = None):
+        """Mark rows for the calls made inside the block: a ``RowLayout``, a bool sequence / CPU tensor over the
+        UNet batch (True = a twin of branch 1), or None; ``draw``: the key random perturbations draw with."""
+        previous = self.layout, self.draw
+        if layout is not None and not isinstance(layout, RowLayout):
+            layout = RowLayout.from_mask(layout)
+        self.layout = layout
+        if draw is not None:
+            self.draw = tuple(draw)
         try:
             yield
         finally:
-            self.mask = previous
+            self.layout, self.draw = previous
 
     @contextmanager
     def watching(self, unet: torch.nn.Module):
@@ -80,12 +69,12 @@ class RowMarks:
             for handle in handles:
                 handle.remove()
 
-    def rows_for(self, batch: int) -> torch.Tensor | None:
-        """The perturbed rows of an attention call of ``batch`` rows (see ``fit_rows``), or None."""
-        mask = self.mask
-        if mask is None or not bool(mask.any()):
+    def layout_for(self, batch: int) -> RowLayout | None:
+        """The layout of a module call of ``batch`` rows (see ``RowLayout.fit``), or None when no row is perturbed."""
+        layout = self.layout
+        if layout is None or not layout.perturbed:
             return None
-        return fit_rows(mask, batch, self.unet_rows)
+        return layout.fit(batch, self.unet_rows)
 
 
 def after_forward(module: torch.nn.Module, hook, **kwargs):
@@ -134,21 +123,38 @@ class TokenGrids:
         return grid if grid is not None and grid[0] * grid[1] == tokens else None
 
 
+@dataclass(frozen=True)
+class Branch:
+    """One guidance branch for ``AttentionPatch``: the rows labelled ``label`` get ``perturbation`` in the
+    layers of ``selection`` (at each layer's strength)."""
+
+    label: int
+    selection: LayerSelection
+    perturbation: Perturbation
+
+
 class AttentionPatch:
-    """Context manager installing PAG wrappers on the selected attn1 modules of ``unet``.
+    """Context manager installing PAG wrappers on the attn1 modules the branches chose in ``unet``.
 
     - per instance: the class's forward is looked up at call time (hosts swap it), and an instance
       forward someone installed before (hypertile) is chained to, not replaced;
     - on exit (normal, exception, KeyboardInterrupt) every module gets back exactly what it had; a
       wrapper that someone else captured meanwhile stays harmless, passing every call through;
-    - entering an active patch again only counts depth.
+    - entering an active patch again only counts depth;
+    - inside a call nothing reads device data: the rows come from ``marks`` (host-side, see
+      ``lib_pag.layout``), contiguous row runs are views, and index tensors are made once per layout.
+
+    ``AttentionPatch(unet, selection, perturbation, marks)`` is one branch (label 1);
+    ``AttentionPatch(unet, branches=[Branch(...), ...], marks=marks)`` several.
     """
 
-    def __init__(self, unet: torch.nn.Module, selection: LayerSelection, perturbation: Perturbation | None = None,
-                 marks: RowMarks | None = None):
+    def __init__(self, unet: torch.nn.Module, selection: LayerSelection | None = None,
+                 perturbation: Perturbation | None = None, marks: RowMarks | None = None, *,
+                 branches: Sequence[Branch] | None = None):
+        if branches is None:
+            branches = [Branch(1, selection, perturbation or Perturbation())]
         self.unet = unet
-        self.selection = selection
-        self.perturbation = perturbation or Perturbation()
+        self.branches = tuple(branches)
         self.marks = marks or RowMarks()
         self.grids = TokenGrids()
         self.patched: list[str] = []
@@ -157,6 +163,24 @@ class AttentionPatch:
         self.perturbed_calls = 0  # attn1 calls that perturbed marked rows (0 after a UNet call: the modules never ran)
         self._depth = 0
         self.active = False
+
+    @property
+    def selection(self) -> LayerSelection:
+        return self.branches[0].selection
+
+    @property
+    def perturbation(self) -> Perturbation:
+        return self.branches[0].perturbation
+
+    def _targets(self):
+        """``(layer, ((label, strength), ...), {label: perturbation})`` per attn1 module, in catalog order."""
+        by_path: dict[str, list] = {}
+        for branch in self.branches:
+            for layer, strength in branch.selection.chosen:
+                entry = by_path.setdefault(layer.path, [layer, [], {}])
+                entry[1].append((branch.label, float(strength)))
+                entry[2][branch.label] = branch.perturbation
+        return [(layer, tuple(strengths), perturbations) for layer, strengths, perturbations in by_path.values()]
 
     # --- lifecycle ---
 
@@ -167,16 +191,19 @@ class AttentionPatch:
         try:
             self._watch_rows = self.marks.watching(self.unet)
             self._watch_rows.__enter__()
-            for layer, strength in self.selection.chosen:
+            grid_layers = []
+            for layer, strengths, perturbations in self._targets():
                 module = layer.module(self.unet)
                 had_own = "forward" in module.__dict__
                 previous = module.__dict__.get("forward")
-                wrapper = self._make_wrapper(module, previous, strength)
+                wrapper = self._make_wrapper(module, previous, strengths, perturbations, layer_key(layer.path))
                 module.forward = wrapper
                 self._installed.append((module, had_own, previous, wrapper))
                 self.patched.append(layer.name)
-            if self.perturbation.needs_grid:
-                self._watch = self.grids.watching(self.unet, [layer for layer, _ in self.selection.chosen])
+                if any(p.needs_grid for p in perturbations.values()):
+                    grid_layers.append(layer)
+            if grid_layers:
+                self._watch = self.grids.watching(self.unet, grid_layers)
                 self._watch.__enter__()
             self.active = True
         except BaseException:
@@ -212,7 +239,7 @@ class AttentionPatch:
 
     # --- the wrapper ---
 
-    def _make_wrapper(self, module, previous, strength: float):
+    def _make_wrapper(self, module, previous, strengths, perturbations, layer_key: int):
         patch = self
 
         def own_forward(x, *args, **kwargs):
@@ -221,37 +248,54 @@ class AttentionPatch:
             return type(module).forward(module, x, *args, **kwargs)
 
         def pag_forward(x, *args, **kwargs):
-            rows = patch.marks.rows_for(x.shape[0]) if patch.active else None
-            if rows is None:
+            layout = patch.marks.layout_for(x.shape[0]) if patch.active else None
+            plan = module_plan(layout, strengths) if layout is not None else None
+            if plan is None:
                 return own_forward(x, *args, **kwargs)
-            rows = rows.to(x.device)
             patch.perturbed_calls += 1
+            n = x.shape[0]
             extra = kwargs.get("additional_tokens")
             grid = patch.grids.grid_for(x.shape[1])
-            if strength < 1.0:
-                out = own_forward(x, *args, **kwargs)
-                perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))
-                mixed = (1.0 - strength) * out[rows].float() + strength * perturbed.float()
-                out = out.clone()
-                out[rows] = mixed.to(out.dtype)
-                return out
-            perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))
-            if bool(rows.all()):
-                return perturbed
-            keep = ~rows
-            plain = own_forward(x[keep], *[_rows_of(a, keep, x) for a in args],
-                                **{k: _rows_of(v, keep, x) for k, v in kwargs.items()})
-            out = torch.empty((x.shape[0],) + tuple(plain.shape[1:]), dtype=plain.dtype, device=plain.device)
-            out[keep] = plain
-            out[rows] = perturbed.to(plain.dtype)
-            return out
+            outputs = [None]
+            if plan.own is not None:
+                rows = plan.own
+                outputs[0] = own_forward(rows.take(x), *[take_rows(a, rows, n) for a in args],
+                                         **{k: take_rows(v, rows, n) for k, v in kwargs.items()})
+            for branch in plan.branches:
+                rows = branch.rows
+                perturbed = perturbations[branch.label](
+                    module, rows.take(x), grid=grid, additional_tokens=take_rows(extra, rows, n),
+                    keys=draw_keys(layout, rows, patch.marks.draw, layer_key))
+                if branch.strength < 1.0:
+                    a = branch.strength
+                    mixed = (1.0 - a) * promote(branch.in_own.take(outputs[0])) + a * promote(perturbed)
+                    perturbed = mixed.to(outputs[0].dtype)
+                outputs.append(perturbed)
+            dtype = outputs[0].dtype if outputs[0] is not None else outputs[1].dtype
+            return assemble(plan, [o if o is None or o.dtype == dtype else o.to(dtype) for o in outputs])
 
         pag_forward.__pag_wrapper__ = True
         return pag_forward
 
 
-def _rows_of(value, rows, x):
-    """Slice per-row tensors that travel with ``x`` (context, additional_tokens); leave the rest."""
-    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == x.shape[0]:
-        return value[rows]
+def take_rows(value, rows: Rows, n: int):
+    """``rows`` of a per-row tensor that travels with the batch of ``n`` rows (context, additional_tokens);
+    anything else (None, numbers, tensors of another batch) as it is."""
+    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == n:
+        return rows.take(value)
     return value
+
+
+def layer_key(path: str) -> int:
+    """A stable number for a layer (the same in every process), for seeding random perturbations."""
+    return zlib.crc32(path.encode("utf-8"))
+
+
+def draw_keys(layout: RowLayout, rows: Rows, draw: tuple, layer_key: int) -> tuple | None:
+    """Per perturbed row, the seed key its random draws use: the row's own key (its image's seed, …), the UNet
+    call's ``draw`` key and the layer — so a row draws the same whatever else shares its batch. None when the
+    layout has no keys."""
+    keys = layout.keys
+    if keys is None:
+        return None
+    return tuple(None if keys[i] is None else keys[i] + tuple(draw) + (layer_key,) for i in rows.index)

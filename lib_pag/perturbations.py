@@ -16,15 +16,45 @@ import torch.nn.functional as F
 log = logging.getLogger("sd_webui_pag")
 
 
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(key) -> int:
+    """A 63-bit seed from a tuple of integers (splitmix64 over the parts): the same in every process and on
+    every platform, and far apart for keys that differ in any part."""
+    h = 0x9E3779B97F4A7C15
+    for part in key:
+        h = (h ^ (int(part) & MASK64)) & MASK64
+        h = (h + 0x9E3779B97F4A7C15) & MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & MASK64
+        h ^= h >> 31
+    return h & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def generator_on(device) -> torch.Generator | None:
+    """A fresh generator on ``device`` (None where the device has none, e.g. ``meta``)."""
+    try:
+        return torch.Generator(device=device)
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class Perturbation:
-    """A perturbation method with its parameters; ``noise`` draws from its own seeded generator."""
+    """A perturbation method with its parameters.
+
+    Random methods (``noise``) draw per row: a row with a key (``keys[i]``, from ``patch.draw_keys``: its
+    image's seed, the model call, the layer) draws from a generator seeded by that key alone, on the device
+    the attention runs on — so an image's draws do not depend on what else shares its batch, and no
+    random number crosses from the host. Rows without a key draw from one generator seeded by ``seed``.
+    """
 
     method: str = "identity"
     blur_sigma: float = 9.0
     noise_scale: float = 1.0
     seed: int = 0
-    _generator: torch.Generator | None = field(default=None, repr=False)
+    _generators: dict = field(default_factory=dict, repr=False)
     _warned_grid: bool = field(default=False, repr=False)
 
     @property
@@ -34,10 +64,35 @@ class Perturbation:
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
-        self._generator = None
+        self._generators.clear()
+
+    def _stream(self, device) -> torch.Generator | None:
+        """The keyless generator of ``device``, seeded by ``seed`` at its first use in the job."""
+        device = torch.device(device)
+        key = ("stream", device.type, device.index)
+        if key not in self._generators:
+            g = generator_on(device)
+            self._generators[key] = g.manual_seed(self.seed) if g is not None else None
+        return self._generators[key]
+
+    def _keyed(self, device, key) -> torch.Generator | None:
+        device = torch.device(device)
+        slot = ("keyed", device.type, device.index)
+        if slot not in self._generators:
+            self._generators[slot] = generator_on(device)
+        g = self._generators[slot]
+        return g.manual_seed(mix_seed(key)) if g is not None else None
+
+    def randn_rows(self, shape: tuple, rows: int, keys, device, dtype=torch.float32) -> torch.Tensor:
+        """``rows`` draws of ``shape`` (a ``(rows, *shape)`` tensor on ``device``), row ``i`` from its key."""
+        if keys is None or any(k is None for k in keys):
+            return torch.randn((rows,) + tuple(shape), generator=self._stream(device), device=device, dtype=dtype)
+        return torch.stack([torch.randn(tuple(shape), generator=self._keyed(device, k), device=device, dtype=dtype)
+                            for k in keys])
 
     def __call__(self, attn: torch.nn.Module, x: torch.Tensor, *, grid: tuple[int, int] | None = None,
-                 additional_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                 additional_tokens: torch.Tensor | None = None, keys=None) -> torch.Tensor:
+        """The perturbed attn1 output for the rows ``x`` (``(B, N, C)``); ``keys``: per row, its draw key."""
         if self.method == "identity":
             return identity_attention(attn, x)
         if self.method == "blur":
@@ -49,9 +104,9 @@ class Perturbation:
                                 "flattened token order instead (warned once per job)", x.shape[1])
             return blurred_query_attention(attn, x, self.blur_sigma, grid, additional_tokens)
         if self.method == "noise":
-            if self._generator is None:
-                self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            return noisy_logit_attention(attn, x, self.noise_scale, self._generator, additional_tokens)
+            def noise(shape):
+                return self.randn_rows(shape[1:], shape[0], keys, x.device)
+            return noisy_logit_attention(attn, x, self.noise_scale, noise, additional_tokens)
         raise ValueError(f"unknown perturbation {self.method!r}")
 
 
@@ -117,14 +172,20 @@ def blurred_query_attention(attn, x, sigma, grid, additional_tokens=None):
     return attn.to_out(_merge(out)[:, extra:])
 
 
-def noisy_logit_attention(attn, x, noise_scale, generator, additional_tokens=None):
-    """Attention whose logits get Gaussian noise of std ``noise_scale``, drawn from ``generator``."""
+def noisy_logit_attention(attn, x, noise_scale, noise, additional_tokens=None):
+    """Attention whose logits get Gaussian noise of std ``noise_scale``.
+
+    ``noise``: a ``torch.Generator`` (CPU draws, moved to the device), or a function of the logits' shape
+    ``(B, heads, N, N)`` returning standard normal noise of that shape on the logits' device."""
     full, extra = _with_extra(x, additional_tokens)
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
     heads = _heads(attn)
     q, k, v = _split(q, heads), _split(k, heads), _split(v, heads)
     logits = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * (q.shape[-1] ** -0.5)
-    noise = torch.randn(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
-    weights = (logits + noise_scale * noise).softmax(dim=-1)
+    if isinstance(noise, torch.Generator):
+        drawn = torch.randn(logits.shape, generator=noise, dtype=torch.float32).to(logits.device)
+    else:
+        drawn = noise(tuple(logits.shape))
+    weights = (logits + noise_scale * drawn.to(logits.dtype)).softmax(dim=-1)
     out = torch.einsum("bhij,bhjd->bhid", weights, v.float()).to(v.dtype)
     return attn.to_out(_merge(out)[:, extra:])

@@ -43,7 +43,7 @@ class PagScript(scripts.Script):
             a1111.start_job(p, args)
 
     def process_batch(self, p, *args, **kwargs):
-        a1111.start_batch(p, kwargs.get("seeds"))
+        a1111.start_batch(p, kwargs.get("seeds"), kwargs.get("subseeds"))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if forge.is_forge_host():

@@ -80,9 +80,10 @@ def test_steps_outside_the_window_add_no_rows(webui, monkeypatch):
     assert sizes == [4, 4, 6, 6]  # 2 cond + 2 uncond; + 2 perturbed twins only inside the window
 
 
-@pytest.mark.parametrize("layers, prefix_rows", [("mid", 4), ("u0", 4), ("d1,mid", 6)])
+@pytest.mark.parametrize("layers, prefix_rows", [("mid", 4), ("u0", 4), ("d1,mid", 4), ("d0", 6)])
 def test_twins_share_the_unet_prefix_before_the_first_perturbed_layer(webui, layers, prefix_rows):
-    """Shared-prefix fork: blocks before the first perturbed layer run once for a cond row and its twin."""
+    """Shared-prefix fork: blocks before the first perturbed layer run once for a cond row and its twin
+    (d1 is in input_blocks[2], so input_blocks[1] is shared; d0 is in input_blocks[1] itself)."""
     unet = webui[0].model.diffusion_model
     seen = {"in": [], "out": []}
     hooks = [unet.input_blocks[1].register_forward_pre_hook(lambda m, a: seen["in"].append(a[0].shape[0])),

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from lib_pag import AttentionPatch, Perturbation, RowMarks, build_catalog, resolve_layers
+from lib_pag.layout import RowLayout
 from lib_pag.fork import forking
 from unets import sd15_unet
 
 TOL = 1e-5
-MASK = torch.tensor([False, False, True, True, False, False])  # 2 cond, their 2 twins, 2 uncond
+MASK = RowLayout.from_mask([False, False, True, True, False, False], sources=[0, 1])  # 2 cond, their 2 twins, 2 uncond
 
 
 @pytest.fixture(scope="module")

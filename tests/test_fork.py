@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from lib_pag import AttentionPatch, Perturbation, RowMarks, build_catalog, resolve_layers
-from lib_pag.fork import ForkPoint, first_perturbed_stage, forked_forward, forking, original_forward, register_original_forward
+from lib_pag.layout import RowLayout
+from lib_pag.fork import (
+    ForkChecks, ForkPoint, first_perturbed_stage, fork_stages, forked_forward, forking, original_forward,
+    register_original_forward,
+)
 from unets import sd15_unet, sdxl_unet, unet_inputs
 
 TOL = 1e-5
 MASK = torch.tensor([False, False, True, True, False, False])  # 2 cond, 2 twins, 2 uncond
 SOURCE = torch.tensor([0, 1])
+LAYOUT = RowLayout.from_mask(MASK, sources=SOURCE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,9 +72,9 @@ def forked_call(unet, selection, inputs, perturbation=None):
     x, t, kw = inputs
     marks = RowMarks()
     with torch.no_grad(), AttentionPatch(unet, selection, perturbation, marks), marks.marking(MASK):
-        with forking(unet, selection, MASK) as point:
+        with forking(unet, selection, LAYOUT) as point:
             assert point is not None
-            with forking(unet, selection, MASK) as nested:
+            with forking(unet, selection, LAYOUT) as nested:
                 assert nested is None  # an inner block leaves the outer fork alone
             rows = []
             hook = unet.input_blocks[0].register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
@@ -92,10 +97,10 @@ def test_fork_equals_batched(model, spec, request):
     inputs = twin_batch(unet)
     expected = batched(unet, selection, inputs)
     direct = forked_direct(unet, selection, inputs)
-    derived = forked_direct(unet, selection, inputs, source=None)
     wrapped = forked_call(unet, selection, inputs)
-    assert direct is not None and derived is not None
-    for out in (direct, derived, wrapped):
+    assert direct is not None
+    assert forked_direct(unet, selection, inputs, source=None) is None  # nothing may be shared without sources
+    for out in (direct, wrapped):
         assert out.shape == expected.shape
         assert rel(out, expected) <= TOL
     # the twins really are perturbed, and differently from their cond rows
@@ -127,20 +132,33 @@ def test_fork_points():
     assert first_perturbed_stage(resolve_layers("m0.2-9", sdxl)) == ForkPoint("middle", 1)
     assert first_perturbed_stage(resolve_layers("u0", sdxl)) == ForkPoint("output", 0)
     assert first_perturbed_stage(resolve_layers("u3", sdxl)) == ForkPoint("output", 3)
-    for spec in ("down", "d1", "d0,mid,up", "all"):
-        assert first_perturbed_stage(resolve_layers(spec, sd15)) is None
+    for spec in ("down", "d0,mid,up", "all"):
+        assert first_perturbed_stage(resolve_layers(spec, sd15)) == ForkPoint("input", 1)
+    assert first_perturbed_stage(resolve_layers("d1", sd15)) == ForkPoint("input", 2)
+    assert first_perturbed_stage(resolve_layers("d2.2-9,d3", sdxl)) == ForkPoint("input", 7)
     assert first_perturbed_stage(None) is None
     assert str(ForkPoint("output", 3)) == "output_blocks[3]" and str(ForkPoint("middle", 1)) == "middle_block[1]"
+    assert str(ForkPoint("input", 7)) == "input_blocks[7]" and str(ForkPoint("middle", 0)) == "middle_block"
+    # several branches: one stage per join point, in forward order; the same point joins them together
+    stages = fork_stages({1: resolve_layers("mid,up", sdxl), 2: resolve_layers("m0", sdxl), 3: resolve_layers("d2.2-9,d3", sdxl)})
+    assert stages == ((ForkPoint("input", 7), (3,)), (ForkPoint("middle", 1), (1, 2)))
 
 
-def test_down_selection_runs_the_normal_forward(sd15):
+def test_down_selection_forks_before_its_input_block(sd15):
+    """d1 lives in input_blocks[2]: blocks 0 and 1 are shared, the twins join before block 2."""
     selection = resolve_layers("d1,mid", build_catalog(sd15))
-    x, t, kw = twin_batch(sd15)
-    assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=SOURCE,
-                          first_block=first_perturbed_stage(selection)) is None
-    with forking(sd15, selection, MASK) as point:
-        assert point is None
-        assert "forward" not in sd15.__dict__
+    inputs = twin_batch(sd15)
+    expected = batched(sd15, selection, inputs)
+    with CountRows(sd15) as counter:
+        with forking(sd15, selection, LAYOUT) as point:
+            assert point == ForkPoint("input", 2)
+            marks = RowMarks()
+            x, t, kw = inputs
+            with torch.no_grad(), AttentionPatch(sd15, selection, marks=marks), marks.marking(LAYOUT):
+                out = sd15(x, t, **kw)
+    assert counter.rows["input_blocks.1"] == [4] and counter.rows["input_blocks.2"] == [6]
+    assert rel(out, expected) <= TOL
+    assert "forward" not in sd15.__dict__
 
 
 class CountRows:
@@ -196,7 +214,7 @@ def test_instance_forward_turns_the_fork_off(sd15, caplog):
             assert original_forward(sd15) is None
         assert "instance forward" in caplog.text
         assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, first_block=ForkPoint("middle", 1)) is None
-        with forking(sd15, selection, MASK) as point:
+        with forking(sd15, selection, LAYOUT) as point:
             assert point is None
             assert sd15.forward is controlnet_forward
             with torch.no_grad():
@@ -243,7 +261,7 @@ def test_replaced_class_forward_turns_the_fork_off(caplog):
         assert original_forward(unet) is None
     assert "not ldm's/sgm's" in caplog.text
     selection = resolve_layers("mid", build_catalog(unet))
-    with forking(unet, selection, MASK) as point:
+    with forking(unet, selection, LAYOUT) as point:
         assert point is None
 
 
@@ -275,44 +293,74 @@ def test_a1111_sd_unet_dispatcher_is_seen_through(monkeypatch, sd15):
     assert original_forward(sd15) is None
 
 
-def test_twins_that_are_not_copies_are_not_forked(sd15):
+def test_twins_whose_inputs_differ_are_reported_after_the_call(sd15):
+    """The fork trusts the layout (PAG built the twins as copies) and reads no device data inside the call;
+    a twin whose inputs were changed afterwards is caught by the deferred check the adapter reads per step."""
     selection = resolve_layers("mid", build_catalog(sd15))
     x, t, kw = twin_batch(sd15)
-    x = x.clone()
-    x[2] += 1e-3
     point = first_perturbed_stage(selection)
-    assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=SOURCE, first_block=point) is None
+    checks = ForkChecks()
+    with torch.no_grad():
+        assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=SOURCE, first_block=point,
+                              checks=checks) is not None
+        assert len(checks.pending) == 1 and not checks.failed() and not checks.pending
+        for changed in ("x", "context"):
+            x2, c2 = x.clone(), kw["context"].clone()
+            (x2 if changed == "x" else c2)[2] += 1e-3
+            assert forked_forward(sd15, x2, t, c2, perturbed=MASK, source=SOURCE, first_block=point,
+                                  checks=checks) is not None
+            assert checks.failed(), changed
+        # once failed, forking() stays off for the job
+        checks.failed_at = "model call 3"
+        with forking(sd15, selection, LAYOUT, checks=checks) as off:
+            assert off is None and "forward" not in sd15.__dict__
+
+
+def test_layouts_with_nothing_to_share_are_not_forked(sd15):
+    selection = resolve_layers("mid", build_catalog(sd15))
+    x, t, kw = twin_batch(sd15)
+    point = first_perturbed_stage(selection)
+    # no source rows, a source row that is itself perturbed, or the wrong count
     assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, first_block=point) is None
-    # a source row that is itself perturbed, or the wrong count
     assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=[2, 1], first_block=point) is None
     assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=[0], first_block=point) is None
     # all rows perturbed (separate mode) or none: nothing to share
-    assert forked_forward(sd15, x, t, kw["context"], perturbed=torch.ones(6, dtype=torch.bool), first_block=point) is None
-    assert forked_forward(sd15, x, t, kw["context"], perturbed=torch.zeros(6, dtype=torch.bool), first_block=point) is None
+    assert forked_forward(sd15, x, t, kw["context"], perturbed=torch.ones(6, dtype=torch.bool), source=[0] * 6,
+                          first_block=point) is None
+    assert forked_forward(sd15, x, t, kw["context"], perturbed=torch.zeros(6, dtype=torch.bool), source=[],
+                          first_block=point) is None
     # unknown keyword arguments (ControlNet's control=...) are not walked
-    assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, first_block=point, control=[]) is None
+    assert forked_forward(sd15, x, t, kw["context"], perturbed=MASK, source=SOURCE, first_block=point, control=[]) is None
 
 
-def test_fallback_inside_forking_runs_the_normal_forward(sd15):
-    """Twins that are not copies (a chunked call without its source rows): the wrapper runs the plain forward."""
+def test_a_chunk_without_its_source_rows_runs_the_normal_forward(sd15):
+    """A chunked call that holds twins but not their cond rows (batch cond/uncond off): no sources, no fork."""
     selection = resolve_layers("mid", build_catalog(sd15))
     x, t, kw = twin_batch(sd15)
-    x = x.clone()
-    x[2] += 0.5
-    expected = batched(sd15, selection, (x, t, kw))
+    chunk = RowLayout((1, 1, 0, 0))  # twins first, their cond rows in another call
+    x, t, kw = x[2:], t[2:], {k: v[2:] for k, v in kw.items()}
+    expected = batched_with(sd15, selection, (x, t, kw), chunk)
     marks = RowMarks()
-    with torch.no_grad(), AttentionPatch(sd15, selection, marks=marks), marks.marking(MASK):
-        with forking(sd15, selection, MASK):
+    with torch.no_grad(), AttentionPatch(sd15, selection, marks=marks), marks.marking(chunk):
+        with forking(sd15, selection, chunk) as point:
+            assert point is None
             with CountRows(sd15) as counter:
                 out = sd15(x, t, **kw)
-    assert all(r == [6] for r in counter.rows.values())
-    assert rel(out, expected) <= 1e-6
+    assert all(r == [4] for r in counter.rows.values())
+    assert torch.equal(out, expected)
+
+
+def batched_with(unet, selection, inputs, layout):
+    x, t, kw = inputs
+    marks = RowMarks()
+    with torch.no_grad(), AttentionPatch(unet, selection, marks=marks), marks.marking(layout):
+        return unet(x, t, **kw)
 
 
 def test_an_exception_inside_the_block_removes_the_fork(sd15):
     selection = resolve_layers("up", build_catalog(sd15))
     with pytest.raises(KeyboardInterrupt):
-        with forking(sd15, selection, MASK) as point:
+        with forking(sd15, selection, LAYOUT) as point:
             assert point is not None and "forward" in sd15.__dict__
             raise KeyboardInterrupt
     assert "forward" not in sd15.__dict__

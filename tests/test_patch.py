@@ -129,7 +129,7 @@ def test_exceptions_inside_leave_the_model_as_before(sd15, exc):
                 run(sd15, inputs)
     finally:
         hook.remove()
-    assert marks.mask is None
+    assert marks.layout is None
     assert_same_snapshot(before, snapshot(sd15))
     assert torch.equal(run(sd15, inputs), plain)
 
