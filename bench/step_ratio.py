@@ -63,7 +63,7 @@ for p in (ROOT, ROOT / "tests"):
 from lib_pag import AttentionPatch, RowMarks, build_catalog, resolve_layers  # noqa: E402
 from lib_pag.fork import DISABLE_ENV, first_perturbed_stage, forking, register_original_forward  # noqa: E402
 from lib_pag.forge_fork import fork_point  # noqa: E402
-from lib_pag.rows import perturbed_mask  # noqa: E402
+from lib_pag.layout import RowLayout  # noqa: E402
 
 CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+fork")
 PATHS = {
@@ -73,6 +73,62 @@ PATHS = {
     "forge2": "forge2: one denoiser step (sampling function + patcher + lib_pag.forge + UNet) on the Forge 2 double",
     "reforge": "reforge: one denoiser step (sampling function + patcher + lib_pag.forge + UNet) on the reForge double",
 }
+
+
+@dataclass
+class Result:
+    """One table: a path, a model, a layer setting; median step time per configuration."""
+
+    path: str
+    model: str
+    spec: str
+    point: object  # where the fork joins (None: off)
+    times: dict  # configuration -> median seconds
+    memory: dict  # configuration -> peak bytes (or None)
+    err: float | None  # fork vs unforked output, max relative difference
+    extra: dict | None = None  # rows per UNet call, PAG vs CFG difference
+    spread: dict | None = None  # configuration -> (25th, 75th percentile) seconds
+
+
+class Clock:
+    """Times one step. ``cpu``: process CPU time (immune to other processes on shared cores); ``wall``:
+    perf_counter with the device synchronised around the step; ``cuda``: CUDA events recorded around the
+    step on an idle device (``synchronize`` first), i.e. the device-side time from the step's first kernel
+    to its last, gaps where the host fell behind included — what a GPU user waits."""
+
+    def __init__(self, kind: str, device: torch.device):
+        self.kind, self.device = kind, device
+
+    def time(self, fn):
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, out
+        if self.kind == "wall":
+            sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            return time.perf_counter() - t0, out
+        t0 = time.process_time()
+        out = fn()
+        return time.process_time() - t0, out
+
+
+def medians(samples: dict) -> tuple[dict, dict]:
+    """(median, (25th, 75th percentile)) per configuration."""
+    med, spread = {}, {}
+    for c, v in samples.items():
+        v = sorted(v)
+        med[c] = statistics.median(v)
+        q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0], v[0], v[0]]
+        spread[c] = (q[0], q[2])
+    return med, spread
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -152,14 +208,20 @@ def call(unet, inputs):
     return unet(inputs["x"], inputs["t"], context=inputs["context"], **({"y": inputs["y"]} if "y" in inputs else {}))
 
 
+def twin_layout(batch, rest):
+    """The extension's layout: ``batch`` cond rows, their twins, ``rest`` more plain rows."""
+    return RowLayout((0,) * batch + (1,) * batch + (0,) * rest,
+                     tuple(range(batch)) * 2 + tuple(range(2 * batch, 2 * batch + rest)))
+
+
 def step_fns(unet, selection, cond, uncond, batch):
     marks = RowMarks()
     cfg_in = rows(cond, uncond)
     twin_in = rows(cond, cond, uncond)
     pag_in = rows(cond, cond)
-    twin_mask = perturbed_mask(batch, batch)
-    pag_mask = perturbed_mask(batch, 0)
-    all_mask = torch.ones(batch, dtype=torch.bool)
+    twin_mask = twin_layout(batch, batch)
+    pag_mask = twin_layout(batch, 0)
+    all_mask = RowLayout((1,) * batch)
 
     def patched(inputs, mask, fork=False):
         with ExitStack() as stack:
@@ -168,7 +230,7 @@ def step_fns(unet, selection, cond, uncond, batch):
             if fork:
                 point = stack.enter_context(forking(unet, selection, mask))
                 if point is None:
-                    raise SystemExit(f"fork is off for layers {selection.names[:3]}…: pick mid/up layers")
+                    raise SystemExit(f"the fork is off for layers {selection.names[:3]}…")
             return call(unet, inputs)
 
     return {
@@ -331,8 +393,7 @@ def bench_model_extension(name, model, sizes, args, device, sampler, harness):
     catalog = build_catalog(unet)
     shared.opts.data["batch_cond_uncond"] = True  # the host's default: cond and uncond rows in one UNet call
     harness.load_webui(model, with_xyz=False)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = Clock(args.clock, device)
     results = []
     try:
         for spec in args.layers:
@@ -348,19 +409,16 @@ def bench_model_extension(name, model, sizes, args, device, sampler, harness):
                     jobs[c] = ParkedJob(c, p, processing, args.threads, no_fork).start()
 
                 def timed(job):
-                    def fn():
-                        sync()
-                        t0 = clock()
-                        out = job.step()
-                        sync()
-                        return clock() - t0, out
-                    return job.run(fn)
+                    return job.run(lambda: clock.time(job.step))
 
                 layouts, outs = {}, {}
                 for c in names:  # warm-up, with the rows of each UNet call recorded
                     with row_probe(unet) as calls:
                         outs[c] = timed(jobs[c])[1]
                     layouts[c] = describe_rows(calls)
+                for _ in range(args.warmup - 1):
+                    for c in names:
+                        timed(jobs[c])
                 times = {c: [] for c in names}
                 for _ in range(args.repeats):  # round-robin, so drift hits every configuration alike
                     for c in names:
@@ -377,8 +435,9 @@ def bench_model_extension(name, model, sizes, args, device, sampler, harness):
                 err = max(relative_difference(outs["batched"], outs["batched+fork"]),
                           relative_difference(outs["pag-only"], outs["pag-only+fork"]))
             pag_effect = relative_difference(outs["cfg"], outs["batched"])
-            results.append((name, spec, point, {c: statistics.median(v) for c, v in times.items()}, memory, err,
-                            {"rows": layouts, "pag_effect": pag_effect}))
+            med, spread = medians(times)
+            results.append(Result("extension", name, spec, point, med, memory, err,
+                                  {"rows": layouts, "pag_effect": pag_effect}, spread))
     finally:
         os.environ.pop(DISABLE_ENV, None)
         harness.unload_webui()
@@ -475,7 +534,7 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
     catalog = build_catalog(unet)
     cond, uncond = make_inputs(args.batch, sizes.latent, sizes.tokens, sizes.context_dim, sizes.adm, device, dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = Clock(args.clock, device)
     results = []
     for spec in args.layers:
         selection = resolve_layers(spec, catalog)
@@ -484,20 +543,15 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
         names = [c for c in CONFIGS if point is not None or "fork" not in c]
 
         def timed(fn):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = clock()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return clock() - t0
+            return clock.time(fn)[0]
 
         times = {c: [] for c in names}
         memory = {}
         with torch.inference_mode(), autocast:
             check = (fns["batched"](), fns["batched+fork"]()) if point is not None else None
-            for c in names:  # warm-up
-                fns[c]()
+            for _ in range(args.warmup):
+                for c in names:
+                    fns[c]()
             for _ in range(args.repeats):  # round-robin, so drift hits every configuration alike
                 for c in names:
                     times[c].append(timed(fns[c]))
@@ -505,7 +559,8 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
                 for c in names:
                     memory[c] = peak_memory(fns[c], device, sampler)
         err = relative_difference(*check) if check is not None else None
-        results.append((name, spec, point, {c: statistics.median(v) for c, v in times.items()}, memory, err, None))
+        med, spread = medians(times)
+        results.append(Result("unet", name, spec, point, med, memory, err, None, spread))
     return results
 
 
@@ -556,8 +611,7 @@ def bench_model_forge(name, unet, sizes, args, device, dtype, kind):
     patcher, UNet class (its forward mirrored over this UNet's modules) and attention."""
     from lib_pag.params import PagParams
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = Clock(args.clock, device)
     results = []
     with forge_host(kind) as forge:
         from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel
@@ -609,24 +663,25 @@ def bench_model_forge(name, unet, sizes, args, device, dtype, kind):
                     den = dens[c]
                     den.step = 0  # the first step of the job each time (and Forge 2 loads this job's patcher)
                     with torch.no_grad():
-                        sync()
-                        t0 = clock()
-                        out = den(x, sigma, uncond, cond, conds_list, 5.0)
-                        sync()
-                    return clock() - t0, out
+                        return clock.time(lambda: den(x, sigma, uncond, cond, conds_list, 5.0))
 
                 layouts, outs = {}, {}
                 for c in names:  # warm-up, with the rows of each UNet call recorded
                     with row_probe(host_unet) as calls:
                         outs[c] = step(c)[1]
                     layouts[c] = describe_rows(calls)
+                for _ in range(args.warmup - 1):
+                    for c in names:
+                        step(c)
                 times = {c: [] for c in names}
                 for _ in range(args.repeats):
                     for c in names:
                         times[c].append(step(c)[0])
                 err = relative_difference(outs["batched"], outs["batched+fork"]) if point is not None else None
-                results.append((f"{name} [{kind} double]", spec, point, {c: statistics.median(v) for c, v in times.items()},
-                                {}, err, {"rows": layouts, "pag_effect": relative_difference(outs["cfg"], outs["batched"])}))
+                med, spread = medians(times)
+                results.append(Result(kind, f"{name} [{kind} double]", spec, point, med, {}, err,
+                                      {"rows": layouts, "pag_effect": relative_difference(outs["cfg"], outs["batched"])},
+                                      spread))
         finally:
             os.environ.pop(DISABLE_ENV, None)
     return results
@@ -650,12 +705,14 @@ def main(argv=None):
     ap.add_argument("--latent", type=int, default=32, help="latent side of the reduced models")
     ap.add_argument("--tokens", type=int, default=77, help="text tokens per prompt of the reduced models")
     ap.add_argument("--steps", type=int, default=20, help="extension path: the jobs' sampling steps (sets the sigma)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 7 CPU, 20 GPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 7 CPU, 50 GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration first (default 1 CPU, 5 GPU)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on shared cores, multi-threaded ops stall on a busy core)")
-    ap.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+    ap.add_argument("--clock", choices=("auto", "cpu", "wall", "cuda"), default="auto",
                     help="cpu: process CPU time, immune to other processes on shared cores (auto on CPU); "
-                         "wall: perf_counter with cuda.synchronize (auto on CUDA)")
+                         "cuda: CUDA events around each step on an idle device (auto on CUDA); "
+                         "wall: perf_counter with cuda.synchronize")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny widths, one timed step: check that a flag combination builds and runs "
                          "(on the CPU when CUDA is missing)")
@@ -678,24 +735,30 @@ def main(argv=None):
         note += f"; fp32 weights, autocast to {dtype if paths == ['unet'] else torch.get_autocast_dtype('cpu')} on the CPU"
     torch.set_num_threads(args.threads)
     if args.clock == "auto":
-        args.clock = "wall" if device.type == "cuda" or args.threads != 1 else "cpu"
+        args.clock = "cuda" if device.type == "cuda" else "wall" if args.threads != 1 else "cpu"
+    if args.clock == "cuda" and device.type != "cuda":
+        args.clock = "wall"
     if args.repeats is None:
-        args.repeats = 1 if args.dry_run else 20 if device.type == "cuda" else 7
+        args.repeats = 1 if args.dry_run else 50 if device.type == "cuda" else 7
+    if args.warmup is None:
+        args.warmup = 1 if args.dry_run or device.type != "cuda" else 5
+    args.warmup = max(args.warmup, 1)
     sampler = RssSampler()
     mem_note = ("torch.cuda.max_memory_allocated above the level before the step" if device.type == "cuda" else
                 "peak RSS above the level before the step, sampled from /proc every 0.5 ms, glibc set to unmap "
                 "freed tensors at once" if sampler.available else "n/a (no /proc)")
-    what = "; ".join(PATHS[x] for x in paths)
+    clocks = {"cpu": "process CPU time", "wall": "wall-clock time", "cuda": "CUDA-event time"}
     print(f"torch {torch.__version__}, device {device}{note}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch} image(s), {args.repeats} timed steps each, "
-          f"{'process CPU' if args.clock == 'cpu' else 'wall-clock'} time")
-    print(f"path {what}")
-    print(f"memory: {mem_note}")
+          f"threads {torch.get_num_threads()}, batch {args.batch} image(s), {args.warmup} warm-up + "
+          f"{args.repeats} timed steps each, {clocks[args.clock]}")
+    for x in paths:
+        print(f"path {PATHS[x]}")
+    print(f"memory: {mem_note}", flush=True)
 
     webui = import_webui(device, dtype) if "extension" in paths else None
     saved_env = os.environ.get(DISABLE_ENV)
-    everything = []
+    everything: list[Result] = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             t0 = time.perf_counter()
@@ -705,19 +768,21 @@ def main(argv=None):
             label = (f"{name}{'' if sizes.full else '-shaped'}{' (dry run)' if args.dry_run else ''} "
                      f"({params:.0f}M params, model_channels {unet.model_channels}, latent {sizes.latent}², "
                      f"{sizes.tokens} tokens)")
-            results = []
             for path in paths:
+                t1 = time.perf_counter()
                 if path == "extension":
                     model = wrap_model(name, unet, sizes, device)
-                    results += bench_model_extension(label, model, sizes, args, device, sampler, webui)
+                    results = bench_model_extension(label, model, sizes, args, device, sampler, webui)
                     del model
                 elif path == "unet":
-                    results += bench_model_unet(label, unet, sizes, args, device, dtype, sampler)
+                    results = bench_model_unet(label, unet, sizes, args, device, dtype, sampler)
                 else:
-                    results += bench_model_forge(label, unet, sizes, args, device, dtype, path)
-            everything += results
-            print_table(results)
-            print(f"  ({time.perf_counter() - t0:.0f} s)")
+                    results = bench_model_forge(label, unet, sizes, args, device, dtype, path)
+                everything += results
+                print_table(results)  # each path's tables as soon as they are done
+                print(f"  ({path}: {time.perf_counter() - t1:.0f} s)", flush=True)
+            print_overhead([r for r in everything if r.model == label or r.model.startswith(label + " [")])
+            print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
             del unet
             gc.collect()
             if device.type == "cuda":
@@ -728,26 +793,43 @@ def main(argv=None):
         else:
             os.environ[DISABLE_ENV] = saved_env
 
-    def ratio_line(rows):
-        if not rows:
-            return "fork=n/a batched=n/a separate=n/a"
-        times = rows[-1][3]
-        cfg = times["cfg"]
-        return (f"fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} "
-                f"separate={times['separate'] / cfg:.2f}")
-
-    first = [r for r in everything if r[1] == args.layers[0] and r[2] is not None]
-
-    def of_path(path):
-        forge_path = path in ("forge2", "reforge")
-        return [r for r in first if (f"[{path} double]" in r[0]) if forge_path] if forge_path else \
-            [r for r in first if "double]" not in r[0]]
-
+    first = [r for r in everything if r.spec == args.layers[0] and r.point is not None]
     if len(paths) > 1:  # a side-by-side run: one line per path, then the first path's as RATIO
         for path in paths:
-            print(f"RATIO[{path}] {ratio_line(of_path(path))}")
-    first = of_path(paths[0])
-    print(f"RATIO {ratio_line(first)}")
+            print(f"RATIO[{path}] {ratio_line([r for r in first if r.path == path])}")
+    print(f"RATIO {ratio_line([r for r in first if r.path == paths[0]])}")
+
+
+def ratio_line(rows):
+    if not rows:
+        return "fork=n/a batched=n/a separate=n/a"
+    times = rows[-1].times
+    cfg = times["cfg"]
+    line = f"fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} separate={times['separate'] / cfg:.2f}"
+    if "pag-only+fork" in times:
+        line += f" pag-only={times['pag-only+fork'] / cfg:.2f}"
+    return line
+
+
+def host_overhead(extension: Result, unet: Result, config: str = "batched+fork") -> float | None:
+    """PAG's own host-side cost per step: (extension PAG step − unet PAG step) − (extension CFG step − unet CFG
+    step), i.e. what the extension path adds around the same UNet calls for PAG beyond what it adds for CFG
+    (the WebUI double's own cost cancels)."""
+    if config not in extension.times or config not in unet.times:
+        return None
+    return (extension.times[config] - unet.times[config]) - (extension.times["cfg"] - unet.times["cfg"])
+
+
+def print_overhead(results):
+    by = {(r.path, r.spec): r for r in results}
+    for (path, spec), r in by.items():
+        if path != "extension" or ("unet", spec) not in by:
+            continue
+        for config in ("batched+fork", "batched", "pag-only+fork"):
+            value = host_overhead(r, by[("unet", spec)], config)
+            if value is not None:
+                print(f"  PAG host-side overhead per step ({spec!r}, {config}): {value * 1e3:+.2f} ms "
+                      "(extension − unet, PAG minus CFG)")
 
 
 def fmt_mem(b):
@@ -755,21 +837,23 @@ def fmt_mem(b):
 
 
 def print_table(results):
-    for name, spec, point, times, memory, err, extra in results:
+    for r in results:
         print()
-        print(f"{name}, PAG layers {spec!r}, fork before {point if point is not None else '— (off)'}")
-        print(f"  {'configuration':<15}{'median step':>14}{'× CFG':>8}{'peak memory':>16}"
-              + ("  rows per UNet call" if extra else ""))
-        cfg = times["cfg"]
-        for c, t in times.items():
-            line = f"  {c:<15}{t * 1e3:>11.1f} ms{t / cfg:>8.2f}{fmt_mem(memory.get(c)):>16}"
-            if extra:
-                line += f"  {extra['rows'][c]}"
+        print(f"{r.model}, PAG layers {r.spec!r}, fork before {r.point if r.point is not None else '— (off)'}")
+        print(f"  {'configuration':<15}{'median step':>14}{'IQR':>18}{'× CFG':>8}{'peak memory':>16}"
+              + ("  rows per UNet call" if r.extra else ""))
+        cfg = r.times["cfg"]
+        for c, t in r.times.items():
+            lo, hi = (r.spread or {}).get(c, (t, t))
+            line = f"  {c:<15}{t * 1e3:>11.1f} ms{lo * 1e3:>8.1f}–{hi * 1e3:<7.1f}ms{t / cfg:>6.2f}{fmt_mem(r.memory.get(c)):>16}"
+            if r.extra:
+                line += f"  {r.extra['rows'][c]}"
             print(line)
-        if err is not None:
-            print(f"  fork vs batched: max relative difference {err:.1e}")
-        if extra:
-            print(f"  PAG vs CFG output: max relative difference {extra['pag_effect']:.1e}")
+        if r.err is not None:
+            print(f"  fork vs batched: max relative difference {r.err:.1e}")
+        if r.extra:
+            print(f"  PAG vs CFG output: max relative difference {r.extra['pag_effect']:.1e}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,15 @@ class KModel(torch.nn.Module):
         if c_concat is not None:
             xc = torch.cat([xc, c_concat], dim=1)
         CALLS.append(xc.shape[0])
-        eps = self.diffusion_model(xc, sigma_to_t(sigma), context=c_crossattn, control=control,
-                                   transformer_options=transformer_options, **kwargs).float()
+        # as the host: the input, the context and every float extra cond in the UNet's dtype (fp16 UNets
+        # get fp16 inputs), the timestep as float, the output back to float
+        dtype = next(self.diffusion_model.parameters()).dtype
+        xc = xc.to(dtype)
+        context = c_crossattn.to(dtype) if c_crossattn is not None else None
+        extra = {k: (v.to(dtype) if torch.is_tensor(v) and v.dtype not in (torch.int, torch.long) else v)
+                 for k, v in kwargs.items()}
+        eps = self.diffusion_model(xc, sigma_to_t(sigma).float(), context=context, control=control,
+                                   transformer_options=transformer_options, **extra).float()
         return denoised_from_eps(x, sigma, eps)
 
     def memory_required(self, input_shape):
