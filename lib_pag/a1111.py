@@ -28,7 +28,9 @@ from .errors import PagError
 from .fork import ForkChecks, forking
 from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, check_neighbors, image_keys, read_params, write_infotext, write_note
+from .job import (
+    NEVER_CALLED, announce_refusal, check_neighbors, flush_notes, image_keys, note_skipped, read_params, write_infotext, write_note,
+)
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
@@ -79,6 +81,9 @@ class Job:
     images: tuple = ()  # per image of the batch in progress: the key its random draws start from (job.image_keys)
     draw: tuple = ()  # this denoiser call's draw key: (hires pass, model call index)
     fork_checks: ForkChecks = field(default_factory=ForkChecks)
+    applied_calls: int = 0  # model calls whose output got PAG's term
+    skipped: dict = field(default_factory=dict)  # reason -> model calls that were due PAG but ran without it
+    late_term: bool = False  # the term went in after the host's combine step (said once)
 
     @property
     def p(self):
@@ -110,7 +115,12 @@ class Job:
         """Stop PAG for this job (a bad setting logs an error, an unsupported model a warning)."""
         if self.refused is None:
             self.refused = reason
-            announce_refusal(self.p, reason, level)
+            announce_refusal(self.p, reason, level, applied_calls=self.applied_calls)
+        self.call = None
+
+    def skip(self, reason: str) -> None:
+        """This model call runs without PAG's term although it was due (log once, ``PAG note`` with a count)."""
+        note_skipped(self.p, self.skipped, reason)
         self.call = None
 
 
@@ -430,16 +440,15 @@ def on_cfg_denoised(params) -> None:
         return
     call = job.call
     if call.lost:
-        log.warning("PAG: another extension rebuilt the CFG batch after PAG added its rows; step skipped")
-        job.call = None
+        job.skip("another extension rebuilt the CFG batch after PAG added its rows")
         return
     if job.fork_checks.failed():
         stop_forking(job)
+    flush_notes(job.p, job.perturbation)
     cond = params.x[:call.n_cond]
     if call.separate:
         if call.seen is None or not bool(call.seen.all()):
-            log.warning("PAG: the cond rows did not all reach the UNet as PAG expected; step skipped")
-            job.call = None
+            job.skip("the cond rows did not all reach the UNet as PAG expected (separate mode)")
             return
         perturbed = call.perturbed
     else:  # right after the cond rows: the twins' own rows, or the uncond rows' place at CFG 1
@@ -467,6 +476,7 @@ def guided_with_pag(job: Job, call: Call, denoised: torch.Tensor, *, blended: bo
     Rescale measures only the repainted area (``nmask``) of an inpainting job.
     """
     den = call.denoiser
+    job.applied_calls += 1
     guided = denoised.float() + call.delta.float()
     inpainting = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
     if call.reference is not None:
@@ -514,8 +524,14 @@ def on_cfg_after_cfg(params) -> None:
     call, job.call = job.call, None
     if call.applied:
         return
-    # combine_denoised was replaced after PAG wrapped it: the term goes on the blended result instead
-    log.warning("PAG: the CFG combine step ran without PAG's wrapper; PAG term added after the mask blend")
+    # combine_denoised was replaced after PAG wrapped it: the term goes on the blended result instead (the same
+    # for hard masks — the term is weighted by nmask — but not for a sigma-dependent blend: said in the note)
+    if not job.late_term:
+        job.late_term = True
+        log.warning("PAG: the CFG combine step ran without PAG's wrapper; PAG term added after the mask blend")
+        if getattr(call.denoiser, "mask", None) is not None:
+            write_note(job.p, "PAG term added after the host's inpaint blend (another extension replaced the CFG "
+                              "combine step)", keep_settings=True)
     params.x = guided_with_pag(job, call, params.x, blended=True)
 
 

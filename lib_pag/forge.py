@@ -52,7 +52,9 @@ from typing import Callable
 import torch
 
 from . import forge_fork
-from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext, write_note
+from .job import (
+    NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, flush_notes, read_params, write_infotext, write_note,
+)
 from .errors import PagError
 from .calls import PassCounter
 from .guidance import rescale_guided, scale_for_step
@@ -332,6 +334,7 @@ class ForgeJob:
         self.images: tuple = ()  # per image of the batch: the key its random draws start from (job.image_keys)
         self.draw: tuple = ()  # the denoiser call's draw key: (hires pass, model call index)
         self.fork_checks = ForkChecks()  # the fork's deferred twin-input checks, read once per step
+        self.applied_calls = 0  # model calls whose output got PAG's term
 
     @property
     def p(self):
@@ -344,7 +347,7 @@ class ForgeJob:
     def refuse(self, reason: str, level: int = logging.WARNING) -> None:
         if self.refused is None:
             self.refused = reason
-            announce_refusal(self.p, reason, level)
+            announce_refusal(self.p, reason, level, applied_calls=self.applied_calls)
         self.step = None
 
     def keys(self):
@@ -483,8 +486,8 @@ def _note_refiner(p) -> None:
     switch = getattr(p, "refiner_switch_at", None)
     if getattr(p, "refiner_checkpoint_info", None) is not None and switch is not None and switch < 1:
         extra = getattr(p, "extra_generation_params", None)
-        if isinstance(extra, dict) and extra.get(NOTE_KEY) != REFINER_NOTE:
-            extra[NOTE_KEY] = REFINER_NOTE
+        if isinstance(extra, dict) and REFINER_NOTE not in str(extra.get(NOTE_KEY, "")):
+            write_note(p, REFINER_NOTE, keep_settings=True)
             log.warning("PAG: the refiner switch at %g reloads the model without the PAG patches; PAG %s", switch, REFINER_NOTE)
 
 
@@ -779,6 +782,7 @@ def _make_post_cfg(job: ForgeJob):
         cond_denoised = args["cond_denoised"]
         if job.fork_checks.failed():  # one read of the device per step, after the UNet calls
             _stop_forking(job, n)
+        flush_notes(job.p, job.perturbation)
         matched = step is not None and step.complete and step.scale == scale
         if matched and step.checks.failed():
             log.warning("PAG: a perturbed twin was matched to the wrong cond entry (another UNet call during the "
@@ -799,6 +803,7 @@ def _make_post_cfg(job: ForgeJob):
         if job.params.rescale:
             guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
         job.log.append((n, total, sigma, scale, how))
+        job.applied_calls += 1
         return guided.to(denoised.dtype)
 
     return _tag(post_cfg, job)

@@ -17,23 +17,60 @@ NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet e
 NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
 
 
-def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
+def announce_refusal(p, reason: str, level: int = logging.WARNING, *, applied_calls: int = 0) -> None:
     """Why PAG does not run, in the log, in the generation's comments and in the infotext: a ``PAG note``
     replaces PAG's settings there, so the image does not claim a PAG it did not get — and an API client,
-    which the host gives no error response for a script's refusal, can read why from the image's infotext."""
+    which the host gives no error response for a script's refusal, can read why from the image's infotext.
+    ``applied_calls``: model calls that already had PAG (a refusal mid-job): then the settings stay and the
+    note says PAG stopped."""
+    if applied_calls:
+        log.log(level, "PAG stopped after %d model calls: %s", applied_calls, reason)
+        comment(p, f"PAG stopped after {applied_calls} model calls: {reason}")
+        write_note(p, f"stopped after {applied_calls} model calls: {reason}", keep_settings=True, key="refused")
+        return
     log.log(level, "PAG refused: %s", reason)
     comment(p, f"PAG not applied: {reason}")
     write_note(p, f"not applied: {reason}")
 
 
-def write_note(p, text: str, *, keep_settings: bool = False) -> None:
+NOTES_ATTR = "_pag_notes"  # on p: the notes of this job so far (key -> text), joined into the one PAG note
+
+
+def write_note(p, text: str, *, keep_settings: bool = False, key: str | None = None) -> None:
     """Say in ``PAG note`` why PAG did not run (its settings dropped from the infotext) or ran differently
-    than asked (``keep_settings``: the settings it really ran with stay)."""
+    than asked (``keep_settings``: the settings it really ran with stay). Notes of one job add up (``; ``);
+    a note with the same ``key`` replaces the earlier one (a count that grows)."""
     extra = getattr(p, "extra_generation_params", None)
-    if isinstance(extra, dict):
-        if not keep_settings:
-            _drop_pag_keys(extra)
-        extra[NOTE_KEY] = text
+    if not isinstance(extra, dict):
+        return
+    notes = getattr(p, NOTES_ATTR, None)
+    if not isinstance(notes, dict):
+        notes = {}
+        try:
+            setattr(p, NOTES_ATTR, notes)
+        except AttributeError:
+            pass
+    if not keep_settings:
+        _drop_pag_keys(extra)
+        notes.clear()
+    notes[key or text] = text
+    extra[NOTE_KEY] = "; ".join(notes.values())
+
+
+def flush_notes(p, perturbation) -> None:
+    """What a perturbation noted while it ran (``Perturbation.notes``) goes into the ``PAG note`` (settings kept)."""
+    while perturbation.notes:
+        write_note(p, perturbation.notes.pop(0), keep_settings=True)
+
+
+def note_skipped(p, counts: dict, reason: str) -> None:
+    """A model call ran without PAG's term although it was due: counted per reason in ``counts`` (the job's),
+    said in the log (once per reason) and in the ``PAG note`` with the count, settings kept."""
+    counts[reason] = counts.get(reason, 0) + 1
+    if counts[reason] == 1:
+        log.warning("PAG: a model call ran without PAG: %s", reason)
+    n = counts[reason]
+    write_note(p, f"{n} model call{'s' if n != 1 else ''} without PAG: {reason}", keep_settings=True, key=f"skip:{reason}")
 
 
 def _drop_pag_keys(extra: dict) -> None:
@@ -87,9 +124,13 @@ def params_from_script_args(args, p=None) -> PagParams:
 
 
 def write_infotext(p, params: PagParams) -> None:
+    """PAG's settings in the infotext (nothing when off), with the job's notes so far."""
     extra = p.extra_generation_params
     _drop_pag_keys(extra)
     extra.update(params.to_infotext())
+    notes = getattr(p, NOTES_ATTR, None)
+    if isinstance(notes, dict) and notes:
+        extra[NOTE_KEY] = "; ".join(notes.values())
 
 
 def read_params(p, args) -> tuple[PagParams | None, str | None]:
@@ -124,6 +165,6 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
     return "separate"
 
 
-__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "check_neighbors", "comment", "image_keys",
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "flush_notes", "note_skipped", "check_neighbors", "comment", "image_keys",
            "params_from_script_args",
            "read_params", "write_infotext", "write_note"]

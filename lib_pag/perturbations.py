@@ -56,6 +56,7 @@ class Perturbation:
     seed: int = 0
     _generators: dict = field(default_factory=dict, repr=False)
     _warned_grid: bool = field(default=False, repr=False)
+    notes: list = field(default_factory=list, repr=False)  # how it ran differently than asked, for the PAG note
 
     @property
     def needs_grid(self) -> bool:
@@ -102,6 +103,8 @@ class Perturbation:
                     self._warned_grid = True
                     log.warning("PAG blur: the token grid of a %d-token attention is not known; blurring along the "
                                 "flattened token order instead (warned once per job)", x.shape[1])
+                    self.notes.append("blur along the flattened token order in some layers (their token grid is not "
+                                      "known, e.g. an extension split the attention)")
             return blurred_query_attention(attn, x, self.blur_sigma, grid, additional_tokens)
         if self.method == "noise":
             def noise(shape):

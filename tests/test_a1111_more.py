@@ -84,7 +84,10 @@ def test_refiner_without_the_layers_stops_pag_with_a_message(monkeypatch, caplog
     finally:
         unload_webui()
     assert "'mid' does not exist in this SSD-1B UNet" in caplog.text and "model changed during the job" in caplog.text
-    assert any("PAG not applied" in c for c in p.comments)
+    # PAG ran on the first two model calls: the infotext keeps its settings and says where it stopped
+    assert any(c.startswith("PAG stopped after 2 model calls: PAG layers: 'mid' does not exist") for c in p.comments)
+    assert p.extra_generation_params["PAG layers"] == "mid"
+    assert p.extra_generation_params["PAG note"].startswith("stopped after 2 model calls: PAG layers: 'mid'")
     assert sizes == [3, 3, 2, 2]  # twins before the switch, none after
     assert len(processed.images) == 1
 
