@@ -27,13 +27,15 @@ import torch
 from .errors import PagError
 from .fork import ForkChecks, forking
 from .calls import PassCounter
-from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
+from .guidance import multicond_pag_delta, multicond_reference, promote, rescale_guided, scale_for_step
 from .job import (
-    NEVER_CALLED, announce_refusal, check_neighbors, flush_notes, image_keys, note_skipped, read_params, write_infotext, write_note,
+    announce_refusal, check_neighbors, flush_notes, image_keys, more_guidances, never_called, note_skipped, perturbations_for,
+    read_params,
+    resolve_guidances, write_infotext, write_note,
 )
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
-from .patch import AttentionPatch, RowMarks
+from .patch import AttentionPatch, Branch, RowMarks
 from .perturbations import Perturbation
 from .layout import RowLayout
 from .rows import row_offset, rows_of, twin_cond, twin_rows
@@ -45,30 +47,41 @@ log = logging.getLogger("sd_webui_pag")
 
 @dataclass
 class Call:
-    """What one denoiser call of a job needs between the three callbacks."""
+    """What one denoiser call of a job needs between the three callbacks.
 
-    scale: float
+    ``scales``: the guidances active at this call (index → scale ≠ 0), in index order; their twin blocks of
+    ``n_cond`` rows follow the cond rows in that order (the last one in the uncond rows' place at CFG 1)."""
+
+    scales: dict
     n_cond: int
     conds_list: list
     denoiser: object = None
     x_in: torch.Tensor | None = None  # batched: the tensor whose row slices reach the UNet
     layout: RowLayout | None = None  # batched: the rows of x_in (labels, sources, draw keys)
-    keys: tuple = ()  # per cond row: the draw key of its perturbed twin (separate mode)
+    keys: dict = field(default_factory=dict)  # guidance -> per cond row, its twin's draw key (separate mode)
     separate: bool = False  # separate mode: the cond rows run again, perturbed, after each host call
-    perturbed: torch.Tensor | None = None  # separate mode: the perturbed outputs, filled call by call
-    seen: torch.Tensor | None = None
+    perturbed: dict = field(default_factory=dict)  # separate mode: guidance -> perturbed outputs, call by call
+    seen: dict = field(default_factory=dict)
     lost: bool = False
-    delta: torch.Tensor | None = None
+    deltas: list | None = None  # per guidance: (s·Σ w·(cond − perturbed), rescale φ)
     reference: torch.Tensor | None = None
     applied: bool = False  # the term went into the host's combine_denoised (before its mask blend)
-    twins: bool = False  # the twins sit at rows n_cond:2·n_cond of the denoiser's batch (batched layout)
+    twins: bool = False  # the twins sit after the cond rows of the denoiser's batch (batched layout)
+
+    @property
+    def labels(self) -> tuple:
+        return tuple(self.scales)
+
+    @property
+    def scale(self) -> float:
+        return sum(self.scales.values())
 
 
 @dataclass
 class Job:
     params: PagParams
     p_ref: object
-    perturbation: Perturbation
+    perturbations: dict  # guidance index -> Perturbation
     marks: RowMarks = field(default_factory=RowMarks)
     refused: str | None = None
     call: Call | None = None
@@ -89,12 +102,19 @@ class Job:
     def p(self):
         return self.p_ref()
 
-    def selection_for(self, unet) -> LayerSelection:
+    @property
+    def perturbation(self) -> Perturbation:
+        """The main guidance's perturbation."""
+        return self.perturbations[1]
+
+    def selections_for(self, unet) -> dict:
+        """``{guidance index: LayerSelection}`` on ``unet`` (cached per model); ``PagError`` naming the guidance's
+        layers field when the model lacks a name."""
         key = id(unet)
         cached = self.selections.get(key)
         if cached is None or cached[0]() is not unet:  # a freed model's id can come back for another one
             try:
-                found = resolve_layers(self.params.layers, build_catalog(unet))
+                found = resolve_guidances(self.params, build_catalog(unet))
             except PagError as err:
                 found = err
             self.selections[key] = (weakref.ref(unet), found)
@@ -102,6 +122,10 @@ class Job:
         if isinstance(found, PagError):
             raise found
         return found
+
+    def selection_for(self, unet) -> LayerSelection:
+        """The main guidance's layers on ``unet``."""
+        return self.selections_for(unet)[1]
 
     def mode(self) -> str | None:
         """``batched`` or ``separate`` for this job's denoiser calls; None after a refusal. Checked once, at the
@@ -136,8 +160,7 @@ class JobRegistry:
 
     def start(self, p, params: PagParams, seed: int) -> Job:
         self.prune()
-        job = Job(params=params, p_ref=weakref.ref(p), perturbation=Perturbation(
-            params.method, params.blur_sigma, params.noise_scale, seed))
+        job = Job(params=params, p_ref=weakref.ref(p), perturbations=perturbations_for(params, seed))
         self._jobs[id(p)] = job
         self._latest = job
         return job
@@ -229,9 +252,10 @@ def start_job(p, args) -> Job | None:
         except PagError as err:
             reason, level = str(err), logging.ERROR
         else:
-            log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
+            log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s%s", params.scale, params.method,
                      selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
-                     f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
+                     f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "",
+                     more_guidances(params))
     if reason is not None:
         write_infotext(p, PagParams())
         job.refuse(reason, level)
@@ -244,7 +268,8 @@ def start_batch(p, seeds, subseeds=None) -> None:
     if job is not None:
         job.images = image_keys(p, seeds, subseeds)
         if seeds:
-            job.perturbation.reseed(int(seeds[0]))
+            for perturbation in job.perturbations.values():
+                perturbation.reseed(int(seeds[0]))
 
 
 # --- CFGDenoiser callbacks -------------------------------------------------------------------------
@@ -325,7 +350,7 @@ def on_cfg_denoiser(params) -> None:
     reason = refusal_for_model(shared.sd_model)
     if reason is None:
         try:
-            selection = job.selection_for(shared.sd_model.model.diffusion_model)
+            selections = job.selections_for(shared.sd_model.model.diffusion_model)
         except PagError as err:
             reason = f"{err} (model changed during the job)"
     if reason is not None:
@@ -333,11 +358,18 @@ def on_cfg_denoiser(params) -> None:
         return
     step, total = call_in_pass(job, den, params)
     # the sigma window needs this call's sigma: one read of the device per step, and only then
-    sigma = real_sigma(den, params.sigma) if needs_sigma(job.params) or log.isEnabledFor(logging.DEBUG) else None
-    scale = scale_for_step(job.params, step=step, total_steps=total, sigma=sigma, hires=bool(getattr(p, "is_hr_pass", False)))
-    scale *= getattr(den, "cond_scale_miltiplier", 1.0)  # (sic) DDIM CFG++ maps guidance scales by 1/12.5
+    guidances = job.params.guidances()
+    sigma = (real_sigma(den, params.sigma) if any(needs_sigma(g) for g in guidances) or log.isEnabledFor(logging.DEBUG)
+             else None)
+    hires = bool(getattr(p, "is_hr_pass", False))
+    multiplier = getattr(den, "cond_scale_miltiplier", 1.0)  # (sic) DDIM CFG++ maps guidance scales by 1/12.5
+    scales = {}
+    for g in guidances:
+        value = scale_for_step(g, step=step, total_steps=total, sigma=sigma, hires=hires) * multiplier
+        if value != 0:
+            scales[g.index] = value
     n_cond, batch = _rows(params.text_cond), _rows(params.text_uncond)
-    if scale == 0:
+    if not scales:
         log.debug("PAG step %d/%d sigma %s: scale 0, no extra rows", step, total, _g(sigma))
         return
     if params.x.shape[0] != n_cond + batch:
@@ -347,41 +379,50 @@ def on_cfg_denoiser(params) -> None:
     if conds_list is None:
         job.refuse("cannot match the AND sub-prompts to the cond rows on this WebUI version")
         return
-    call = Call(scale=scale, n_cond=n_cond, conds_list=conds_list, denoiser=den)
+    call = Call(scales=scales, n_cond=n_cond, conds_list=conds_list, denoiser=den)
     mode = job.mode()
     if mode is None:
         return
-    call.keys = twin_keys(job, conds_list, n_cond)
-    job.draw = (int(bool(getattr(p, "is_hr_pass", False))), int(step))
+    call.keys = {label: twin_keys(job, conds_list, n_cond, label) for label in call.labels}
+    job.draw = (int(hires), int(step))
     layout = mode
     if mode == "separate":
         call.separate, call.x_in = True, params.x
     elif uncond_slot_is_free(den, conds_list, n_cond, batch, params):
-        # CFG scale 1: the uncond rows cannot reach the image, so they carry the perturbed twins (2 rows, not 3)
+        # CFG scale 1: the uncond rows cannot reach the image, so they carry the last guidance's twins (2 rows
+        # an image for one guidance, not 3); the others' twins go between the cond rows and those
         layout = "uncond slot"
-        params.x = twin_rows(rows_of(params.x, 0, n_cond), n_cond)
-        params.sigma = twin_rows(rows_of(params.sigma, 0, n_cond), n_cond)
-        params.image_cond = twin_rows(rows_of(params.image_cond, 0, n_cond), n_cond)
+        inserted = len(call.labels) - 1
+        params.x = twin_rows(rows_of(params.x, 0, n_cond), n_cond, inserted + 1)
+        params.sigma = twin_rows(rows_of(params.sigma, 0, n_cond), n_cond, inserted + 1)
+        params.image_cond = twin_rows(rows_of(params.image_cond, 0, n_cond), n_cond, inserted + 1)
+        if inserted:
+            params.text_cond = twin_cond(params.text_cond, n_cond, inserted)
         params.text_uncond = rows_of(params.text_cond, 0, n_cond)  # a copy of the same class (DictWithShape)
         call.x_in, call.layout = params.x, twin_layout(n_cond, 0, call.keys)
+        if inserted:
+            call.twins = True
+            job.twins = (den, n_cond, params.x.shape[0], inserted * n_cond)
     else:
-        params.x = twin_rows(params.x, n_cond)
-        params.sigma = twin_rows(params.sigma, n_cond)
-        params.image_cond = twin_rows(params.image_cond, n_cond)
-        params.text_cond = twin_cond(params.text_cond, n_cond)
+        k = len(call.labels)
+        params.x = twin_rows(params.x, n_cond, k)
+        params.sigma = twin_rows(params.sigma, n_cond, k)
+        params.image_cond = twin_rows(params.image_cond, n_cond, k)
+        params.text_cond = twin_cond(params.text_cond, n_cond, k)
         call.x_in, call.layout, call.twins = params.x, twin_layout(n_cond, batch, call.keys), True
-        job.twins = (den, n_cond, params.x.shape[0])
+        job.twins = (den, n_cond, params.x.shape[0], k * n_cond)
     job.call = call
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("PAG step %d/%d sigma %s: scale %g, %d perturbed rows (%s), layers %s", step, total, _g(sigma),
-                  scale, n_cond, layout, ",".join(selection.names))
+        log.debug("PAG step %d/%d sigma %s: %s, %d perturbed rows (%s), layers %s", step, total, _g(sigma),
+                  ", ".join(f"guidance {g} scale {v:g}" for g, v in scales.items()), n_cond * len(scales), layout,
+                  "; ".join(",".join(selections[g].names) for g in scales))
 
 
 def twin_keys(job: Job, conds_list, n_cond: int, label: int = 1) -> tuple:
     """Per cond row, the draw key of its perturbed twin: its image's key (``job.images``), its AND sub-prompt
-    and the branch — the same whatever else is in the batch. None for rows of images without a key."""
+    and the guidance — the same whatever else is in the batch. None for rows of images without a key."""
     keys: list = [None] * n_cond
     for i, conds in enumerate(conds_list):
         image = job.images[i] if i < len(job.images) else None
@@ -391,11 +432,21 @@ def twin_keys(job: Job, conds_list, n_cond: int, label: int = 1) -> tuple:
     return tuple(keys)
 
 
-def twin_layout(n_cond: int, n_rest: int, keys: tuple, label: int = 1) -> RowLayout:
-    """``[cond, twins of cond, rest]``: twin ``i`` copies cond row ``i`` and draws with ``keys[i]``."""
-    return RowLayout((0,) * n_cond + (label,) * n_cond + (0,) * n_rest,
-                     tuple(range(n_cond)) * 2 + tuple(range(2 * n_cond, 2 * n_cond + n_rest)),
-                     (None,) * n_cond + tuple(keys) + (None,) * n_rest)
+def twin_layout(n_cond: int, n_rest: int, keys) -> RowLayout:
+    """``[cond, twins of cond per guidance, rest]``: guidance ``g``'s twin ``i`` copies cond row ``i`` and draws
+    with ``keys[g][i]`` (``keys``: ``{guidance: per cond row keys}``, in row order; a tuple = guidance 1)."""
+    if not isinstance(keys, dict):
+        keys = {1: tuple(keys)}
+    labels, sources, row_keys = [0] * n_cond, list(range(n_cond)), [None] * n_cond
+    for label, per_row in keys.items():
+        labels += [label] * n_cond
+        sources += list(range(n_cond))
+        row_keys += list(per_row) if len(per_row) == n_cond else [None] * n_cond
+    start = len(labels)
+    labels += [0] * n_rest
+    sources += list(range(start, start + n_rest))
+    row_keys += [None] * n_rest
+    return RowLayout(tuple(labels), tuple(sources), tuple(row_keys))
 
 
 def uncond_slot_is_free(den, conds_list, n_cond: int, batch: int, params) -> bool:
@@ -444,17 +495,24 @@ def on_cfg_denoised(params) -> None:
         return
     if job.fork_checks.failed():
         stop_forking(job)
-    flush_notes(job.p, job.perturbation)
-    cond = params.x[:call.n_cond]
-    if call.separate:
-        if call.seen is None or not bool(call.seen.all()):
-            job.skip("the cond rows did not all reach the UNet as PAG expected (separate mode)")
-            return
-        perturbed = call.perturbed
-    else:  # right after the cond rows: the twins' own rows, or the uncond rows' place at CFG 1
-        perturbed = params.x[call.n_cond:2 * call.n_cond]
-    call.delta = multicond_pag_delta(cond, perturbed, call.conds_list, call.scale)
-    if job.params.rescale:
+    for perturbation in job.perturbations.values():
+        flush_notes(job.p, perturbation)
+    n = call.n_cond
+    cond = params.x[:n]
+    rescale = {g.index: g.rescale for g in job.params.guidances()}
+    deltas = []
+    for position, label in enumerate(call.labels, start=1):
+        if call.separate:
+            seen = call.seen.get(label)
+            if seen is None or not bool(seen.all()):
+                job.skip("the cond rows did not all reach the UNet as PAG expected (separate mode)")
+                return
+            perturbed = call.perturbed[label]
+        else:  # the twin blocks follow the cond rows in guidance order (the last one in the uncond rows' place at CFG 1)
+            perturbed = params.x[position * n:(position + 1) * n]
+        deltas.append((multicond_pag_delta(cond, perturbed, call.conds_list, call.scales[label]), rescale[label]))
+    call.deltas = deltas
+    if any(phi for _, phi in deltas):
         call.reference = multicond_reference(cond, call.conds_list)
 
 
@@ -477,12 +535,14 @@ def guided_with_pag(job: Job, call: Call, denoised: torch.Tensor, *, blended: bo
     """
     den = call.denoiser
     job.applied_calls += 1
-    guided = denoised.float() + call.delta.float()
+    guided = promote(denoised)
     inpainting = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
-    if call.reference is not None:
-        guided = rescale_guided(guided, call.reference.float(), job.params.rescale, den.nmask if inpainting else None)
+    for delta, phi in call.deltas:  # each guidance's term, then its rescale, in guidance order
+        guided = guided + promote(delta)
+        if phi:
+            guided = rescale_guided(guided, promote(call.reference), phi, den.nmask if inpainting else None)
     if blended and inpainting:
-        guided = denoised.float() + (guided - denoised.float()) * den.nmask.float()
+        guided = promote(denoised) + (guided - promote(denoised)) * promote(den.nmask)
     return guided.to(denoised.dtype)
 
 
@@ -504,10 +564,10 @@ def install_combine_wrapper(denoiser) -> None:
             # the combine step (the host's, or one another extension put there: Dynamic Thresholding
             # reads every row before the uncond rows as a cond row) sees exactly the batch it would
             # see without PAG — also when this step's PAG term was dropped after the rows went in
-            n_cond = twins[1]
-            x_out = torch.cat([x_out[:n_cond], x_out[2 * n_cond:]])
+            n_cond, extra = twins[1], twins[3]
+            x_out = torch.cat([x_out[:n_cond], x_out[n_cond + extra:]])
         call = job.call if job is not None else None
-        if call is None or call.denoiser is not denoiser or call.delta is None or call.applied:
+        if call is None or call.denoiser is not denoiser or call.deltas is None or call.applied:
             return own(x_out, *args, **kwargs)
         call.applied = True
         return guided_with_pag(job, call, own(x_out, *args, **kwargs), blended=False)
@@ -519,7 +579,7 @@ def install_combine_wrapper(denoiser) -> None:
 
 def on_cfg_after_cfg(params) -> None:
     job = _job_with_call(params)
-    if job is None or job.call.delta is None:
+    if job is None or job.call.deltas is None:
         return
     call, job.call = job.call, None
     if call.applied:
@@ -575,12 +635,14 @@ def install_inner_wrapper(denoiser, job: Job) -> None:
 @contextmanager
 def perturbing(job: Job, unet, layout: RowLayout):
     """The UNet calls inside run with the marked rows perturbed (and the shared prefix forked off)."""
-    selection = job.selection_for(unet)
-    with AttentionPatch(unet, selection, job.perturbation, job.marks) as patch, job.marks.marking(layout, job.draw), \
-            forking(unet, selection, layout, checks=job.fork_checks):
+    selections = job.selections_for(unet)
+    branches = [Branch(label, selections[label], job.perturbations[label]) for label in selections]
+    with AttentionPatch(unet, branches=branches, marks=job.marks) as patch, job.marks.marking(layout, job.draw), \
+            forking(unet, selections, layout, checks=job.fork_checks, marks=job.marks):
         yield
-    if patch.perturbed_calls == 0:
-        job.refuse(NEVER_CALLED)
+    reason = never_called(job.params, layout.branches, patch.calls_by_label)
+    if reason is not None:
+        job.refuse(reason)
 
 
 def rows_of_call(call: Call, x: torch.Tensor) -> RowLayout | None:
@@ -619,14 +681,16 @@ def perturb_cond_rows_again(job: Job, call: Call, unet, own, x, sigma, args, kwa
     if offset is None or offset >= call.n_cond or args or not isinstance(cond, dict):
         return
     k = min(x.shape[0], call.n_cond - offset)
-    keys = call.keys[offset:offset + k] if len(call.keys) >= offset + k else None
-    with perturbing(job, unet, RowLayout((1,) * k, None, keys)):
-        twin = own(x[:k], sigma[:k], **{**kwargs, "cond": _first_rows(cond, k)})
-    if call.perturbed is None:
-        call.perturbed = out.new_zeros((call.n_cond,) + tuple(out.shape[1:]))
-        call.seen = torch.zeros(call.n_cond, dtype=torch.bool)
-    call.perturbed[offset:offset + k] = twin
-    call.seen[offset:offset + k] = True
+    for label in call.labels:  # one extra call per guidance: never larger than the host's chunk
+        per_row = call.keys.get(label, ())
+        keys = per_row[offset:offset + k] if len(per_row) >= offset + k else None
+        with perturbing(job, unet, RowLayout((label,) * k, None, keys)):
+            twin = own(x[:k], sigma[:k], **{**kwargs, "cond": _first_rows(cond, k)})
+        if label not in call.perturbed:
+            call.perturbed[label] = out.new_zeros((call.n_cond,) + tuple(out.shape[1:]))
+            call.seen[label] = torch.zeros(call.n_cond, dtype=torch.bool)
+        call.perturbed[label][offset:offset + k] = twin
+        call.seen[label][offset:offset + k] = True
 
 
 def _first_rows(cond: dict, k: int) -> dict:

@@ -20,6 +20,17 @@ class PagError(ValueError):
         self.problem = problem
         super().__init__(f"{field}: {short_repr(value)} {problem}; {allowed_label}: {allowed}")
 
+    def relabeled(self, field: str) -> "PagError":
+        """The same rejection for another field name (``PAG 2 layers`` for a check written for ``PAG layers``)."""
+        if field == self.field:
+            return self
+        prefix = f"{self.field}: "
+        message = str(self)
+        err = PagError(field, self.value, self.allowed, self.problem)
+        if message.startswith(prefix):  # keep a custom allowed-label (``valid: …``) as it was
+            err.args = (f"{field}: {message[len(prefix):]}",)
+        return err
+
     def as_dict(self) -> dict:
         """``field``, ``value`` (shortened when long) and ``allowed``, JSON-able; the message is ``str(self)``."""
         value = _jsonable(self.value)

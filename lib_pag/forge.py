@@ -40,6 +40,7 @@ makes every installed function inert. Host modules are imported lazily (tests us
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -53,7 +54,8 @@ import torch
 
 from . import forge_fork
 from .job import (
-    NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, flush_notes, read_params, write_infotext, write_note,
+    NOTE_KEY, announce_refusal, check_neighbors, flush_notes, more_guidances, never_called, perturbations_for, read_params,
+    resolve_guidances, write_infotext, write_note,
 )
 from .errors import PagError
 from .calls import PassCounter
@@ -64,7 +66,7 @@ from .fork import ForkChecks
 from .guidance import promote
 from .job import image_keys
 from .layout import RowLayout, Rows, assemble, module_plan
-from .patch import TokenGrids, draw_keys as _draw_keys, layer_key
+from .patch import AttentionPatch, Branch, TokenGrids, draw_keys as _draw_keys, layer_key
 from .perturbations import Perturbation
 
 log = logging.getLogger("sd_webui_pag")
@@ -170,34 +172,48 @@ def _load_reforge() -> HostApi:
 class PagRows:
     """The ``transformer_options[MARK]`` of a UNet call: its perturbed rows, host-side.
 
-    ``layout``: the call's ``RowLayout`` (twins after the host's rows); None = every row is perturbed (the
-    separate call), its draw keys then from ``images`` (per image, ``job.image_keys``) for rows taken as
-    entries of ``entry_rows`` rows each. ``draw``: the call's draw key (pass, model call).
+    ``layout``: the call's ``RowLayout`` (twins after the host's rows); None = every row is a twin of guidance
+    ``label`` (the separate call), its draw keys then from ``images`` (per image, ``job.image_keys``) for rows
+    taken as entries of ``entry_rows`` rows each. ``draw``: the call's draw key (pass, model call).
     """
 
     layout: RowLayout | None = None
     draw: tuple = ()
     images: tuple = ()
     entry_rows: int = 0
+    label: int = 1
 
     def layout_for(self, batch: int, unet_rows: int | None = None) -> RowLayout:
         """``unet_rows``: the UNet call's batch (``original_shape[0]``; MultiDiffusion tiles the batch)."""
         if self.layout is None:
-            return _all_rows(unet_rows or batch, self.images, self.entry_rows).fit(batch, unet_rows)
+            return _all_rows(unet_rows or batch, self.images, self.entry_rows, self.label).fit(batch, unet_rows)
         return self.layout.fit(batch, unet_rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _all_rows(n: int, images: tuple, entry_rows: int) -> RowLayout:
-    """Every row a twin of branch 1; row ``r`` is image ``r mod entry_rows`` of the ``r // entry_rows``-th entry."""
+def _all_rows(n: int, images: tuple, entry_rows: int, label: int = 1) -> RowLayout:
+    """Every row a twin of ``label``; row ``r`` is image ``r mod entry_rows`` of the ``r // entry_rows``-th entry."""
     keys = None
     if images and entry_rows == len(images) and n % entry_rows == 0:
-        keys = tuple(images[r % entry_rows] + (r // entry_rows, 1) for r in range(n))
-    return RowLayout((1,) * n, None, keys)
+        keys = tuple(images[r % entry_rows] + (r // entry_rows, label) for r in range(n))
+    return RowLayout((label,) * n, None, keys)
+
+
+def rows_of_block_call(x, args, kwargs):
+    """For a transformer block's call on Forge: ``(layout, draw)`` from its ``transformer_options`` (TPG)."""
+    options = kwargs.get("transformer_options")
+    if options is None:
+        options = next((a for a in args if isinstance(a, dict) and MARK in a), None)
+    mark = options.get(MARK) if isinstance(options, dict) else None
+    if mark is None:
+        return None
+    shape = options.get("original_shape")
+    return mark.layout_for(x.shape[0], int(shape[0]) if shape else None), mark.draw
 
 
 class Step:
-    """One sampling-function call with PAG rows: the host's cond entries and their twins' running sum.
+    """One sampling-function call with PAG rows: the host's cond entries and, per guidance active at this call
+    (``scales``: index → scale), their twins' running sum.
 
     A twin is matched to its cond entry on the host (shapes, keys and reForge's entry ``uuid``); only
     when several entries fit (AND sub-prompts of one shape) are their conditioning tensors compared, before
@@ -205,25 +221,34 @@ class Step:
     the post-CFG function: a wrong match makes that step fall back to the separate call.
     """
 
-    def __init__(self, host: HostApi, scale: float, cond: list, x: torch.Tensor, sigma: torch.Tensor):
-        self.scale = scale
+    def __init__(self, host: HostApi, scales: dict, cond: list, x: torch.Tensor, sigma: torch.Tensor):
+        self.scales = dict(scales)
         self.sigma = sigma
         self.entries = [e for e in (host.get_area_and_mult(c, x, sigma) for c in cond) if e is not None]
-        self.done = [False] * len(self.entries)
-        self.acc = torch.zeros_like(x)
-        self.count = torch.ones_like(x) * 1e-37  # as the host: uncovered pixels end up 0
+        self.done = {(label, k): False for label in self.scales for k in range(len(self.entries))}
+        self.acc = {label: torch.zeros_like(x) for label in self.scales}
+        self.count = {label: torch.ones_like(x) * 1e-37 for label in self.scales}  # as the host: uncovered pixels end up 0
         self.closed = not self.entries
         self.checks = ForkChecks()
+        self.matched: set = set()  # entries already twinned in an earlier call of this step
+
+    @property
+    def labels(self) -> tuple:
+        return tuple(self.scales)
+
+    @property
+    def scale(self) -> float:
+        return sum(self.scales.values())
 
     @property
     def complete(self) -> bool:
-        return bool(self.entries) and all(self.done)
+        return bool(self.entries) and all(self.done.values())
 
     def match(self, c: dict, entry: int, rows: int, x_rows: torch.Tensor, taken: set, uuid=None) -> int | None:
         """The cond entry whose conditioning is entry ``entry`` (``rows`` rows) of the call's ``c``."""
         found = []
         for k, e in enumerate(self.entries):
-            if self.done[k] or k in taken or tuple(e.input_x.shape) != tuple(x_rows.shape):
+            if k in self.matched or k in taken or tuple(e.input_x.shape) != tuple(x_rows.shape):
                 continue
             if uuid is not None and getattr(e, "uuid", None) is not None and e.uuid != uuid:
                 continue
@@ -239,16 +264,16 @@ class Step:
                 return k
         return None
 
-    def add(self, k: int, prediction: torch.Tensor) -> None:
+    def add(self, label: int, k: int, prediction: torch.Tensor) -> None:
         e = self.entries[k]
-        _region(self.acc, e.area).add_(prediction * e.mult)
-        _region(self.count, e.area).add_(e.mult)
-        self.done[k] = True
-        if all(self.done):
+        _region(self.acc[label], e.area).add_(prediction * e.mult)
+        _region(self.count[label], e.area).add_(e.mult)
+        self.done[(label, k)] = True
+        if all(self.done.values()):
             self.closed = True
 
-    def result(self) -> torch.Tensor:
-        return self.acc / self.count
+    def result(self, label: int = 1) -> torch.Tensor:
+        return self.acc[label] / self.count[label]
 
 
 def _region(t: torch.Tensor, area):
@@ -317,16 +342,18 @@ class ForgeJob:
         self.p_ref = weakref.ref(p)
         self.params = params
         self.host = host
-        self.perturbation = Perturbation(params.method, params.blur_sigma, params.noise_scale, int(getattr(p, "seed", 0) or 0))
+        self.perturbations = perturbations_for(params, int(getattr(p, "seed", 0) or 0))
         self.active = True
         self.refused: str | None = None
-        self.selection: LayerSelection | None = None
-        self.selection_of: int | None = None  # id() of the diffusion model the selection was resolved on
-        self.diffusion_model = None  # weak reference to the UNet the selection was resolved on
-        self.grids = TokenGrids()  # blur: the true token grid of each perturbed attention call
-        self.perturbed_calls = 0  # attn1 replace-patch calls that perturbed marked rows
+        self.selections: dict | None = None  # guidance index -> LayerSelection on the diffusion model below
+        self.selection_of: int | None = None  # id() of the diffusion model the selections were resolved on
+        self.diffusion_model = None  # weak reference to the UNet the selections were resolved on
+        self.grids = TokenGrids()  # blur / SEG: the true token grid of each perturbed attention call
+        self.perturbed_calls = 0  # patched attn1 / block calls that perturbed marked rows
+        self.calls_by_label = collections.Counter()  # the attn1 patches' perturbed calls per guidance
         self.neighbor_mode: str | None = None  # None: not checked yet; "checked"; "separate" (neighbors.py)
         self.fork_point = None  # forge_fork: where the twins join (batched mode, on a host with a fork route)
+        self.fork_stages = None  # forge_fork: every guidance's join point (fork.fork_stages)
         self.step: Step | None = None
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.pass_counter = PassCounter()  # where a call stands in its sampling pass (the step window)
@@ -344,6 +371,16 @@ class ForgeJob:
     def live(self) -> bool:
         return self.active and self.refused is None and self.p is not None
 
+    @property
+    def perturbation(self) -> Perturbation:
+        """The main guidance's perturbation."""
+        return self.perturbations[1]
+
+    @property
+    def selection(self) -> LayerSelection | None:
+        """The main guidance's layers."""
+        return None if self.selections is None else self.selections[1]
+
     def refuse(self, reason: str, level: int = logging.WARNING) -> None:
         if self.refused is None:
             self.refused = reason
@@ -351,11 +388,12 @@ class ForgeJob:
         self.step = None
 
     def keys(self):
-        """``((block, id, transformer index), strength)`` of every chosen attn1."""
+        """``((block, id, transformer index), strength)`` of every chosen attn1 of the main guidance."""
         return [((layer.host_block[0], layer.host_block[1], layer.transformer), s) for layer, s in self.selection.chosen]
 
-    def scale_at(self, sigma) -> tuple[float, int, int, float | None]:
-        """``(scale, call index, model calls of this pass, sigma)`` for the denoiser call in progress.
+    def scales_at(self, sigma) -> tuple[dict, int, int, float | None]:
+        """``({guidance: scale ≠ 0}, call index, model calls of this pass, sigma)`` for the denoiser call in
+        progress.
 
         The step window counts the model calls the sampling pass really makes (``calls.PassCounter``, from
         the sampler's own schedule: Forge 2 and reForge sample with A1111's ``modules/sd_samplers_*.py``
@@ -368,22 +406,48 @@ class ForgeJob:
         step, total = (where.index, where.total) if where is not None else (None, None)
         if not isinstance(step, int) or not total:
             step, total = self.calls, int(getattr(p, "steps", 0) or 0) or 1
+        guidances = self.params.guidances()
         # the sigma window needs this call's sigma: a read of the device, only then (and for the debug log)
         value = None
-        if self.params.sigma_start or self.params.sigma_end or log.isEnabledFor(logging.DEBUG):
+        if any(g.sigma_start or g.sigma_end for g in guidances) or log.isEnabledFor(logging.DEBUG):
             value = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
-        scale = scale_for_step(self.params, step=step, total_steps=total, sigma=value, hires=bool(getattr(p, "is_hr_pass", False)))
-        return scale, step, total, value
+        hires = bool(getattr(p, "is_hr_pass", False))
+        scales = {}
+        for g in guidances:
+            scale = scale_for_step(g, step=step, total_steps=total, sigma=value, hires=hires)
+            if scale != 0:
+                scales[g.index] = scale
+        return scales, step, total, value
+
+    def scale_at(self, sigma) -> tuple[float, int, int, float | None]:
+        """``(the main guidance's scale, call index, model calls of this pass, sigma)`` (see ``scales_at``)."""
+        scales, step, total, value = self.scales_at(sigma)
+        return scales.get(1, 0.0), step, total, value
 
     @contextlib.contextmanager
     def watching_grids(self):
-        """Blur only: the token grid of every chosen attn1 is read off its spatial transformer's input."""
+        """Blur / SEG only: the token grid of every chosen attn1 is read off its spatial transformer's input."""
         unet = self.diffusion_model() if self.diffusion_model is not None else None
-        if unet is None or not self.perturbation.needs_grid:
+        layers = [layer for label, selection in (self.selections or {}).items() if self.perturbations[label].needs_grid
+                  for layer, _ in selection.chosen]
+        if unet is None or not layers:
             yield
             return
-        with self.grids.watching(unet, [layer for layer, _ in self.selection.chosen]):
+        with self.grids.watching(unet, layers):
             yield
+
+    @contextlib.contextmanager
+    def shuffling(self, labels=None):
+        """TPG only: the chosen transformer blocks shuffle the marked rows' tokens (instance wrappers, always
+        removed) while the UNet calls inside run; their rows come from each call's ``transformer_options``."""
+        unet = self.diffusion_model() if self.diffusion_model is not None else None
+        branches = [Branch(label, selection, self.perturbations[label]) for label, selection in (self.selections or {}).items()
+                    if self.perturbations[label].level == "block" and (labels is None or label in labels)]
+        if unet is None or not branches:
+            yield None
+            return
+        with AttentionPatch(unet, branches=branches, levels=("block",), layout_of=rows_of_block_call) as patch:
+            yield patch
 
     def owns(self, patcher) -> bool:
         """Whether ``patcher`` (or a clone of it someone made) already carries this job's functions."""
@@ -434,9 +498,9 @@ def apply(p, args) -> ForgeJob | None:
         write_infotext(p, PagParams())
         job.refuse("this model has no UNet of the latent-diffusion family")
         return job
-    if job.selection is None or job.selection_of != id(diffusion_model):
+    if job.selections is None or job.selection_of != id(diffusion_model):
         try:
-            job.selection = resolve_layers(job.params.layers, build_catalog(diffusion_model))
+            job.selections = resolve_guidances(job.params, build_catalog(diffusion_model))
             job.selection_of = id(diffusion_model)
             job.diffusion_model = weakref.ref(diffusion_model)
         except PagError as err:
@@ -444,16 +508,17 @@ def apply(p, args) -> ForgeJob | None:
             job.refuse(str(err), logging.ERROR)
             return job
     seeds = getattr(p, "seeds", None)
-    job.perturbation.reseed(int(seeds[0]) if seeds else int(getattr(p, "seed", 0) or 0))
+    for perturbation in job.perturbations.values():
+        perturbation.reseed(int(seeds[0]) if seeds else int(getattr(p, "seed", 0) or 0))
     job.images = image_keys(p)
     job.step, job.calls = None, 0
     clone = unet.clone()
     _install(clone, job)
     sd_model.forge_objects.unet = clone
     _note_refiner(p)
-    log.info("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s", job.host.kind, job.params.scale, job.params.method,
-             job.selection.catalog.arch, len(job.selection.chosen), job.params.layers, _mode(job),
-             ", hires pass" if getattr(p, "is_hr_pass", False) else "")
+    log.info("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s%s", job.host.kind, job.params.scale,
+             job.params.method, job.selection.catalog.arch, len(job.selection.chosen), job.params.layers, _mode(job),
+             ", hires pass" if getattr(p, "is_hr_pass", False) else "", more_guidances(job.params))
     return job
 
 
@@ -497,14 +562,15 @@ def _install(unet, job: ForgeJob) -> None:
     """Add the gate, the row wrapper (batched, with the shared-prefix fork where the host has a route for
     it) and the post-CFG function to ``unet`` (this job's clone)."""
     options = unet.model_options
-    job.fork_point = None
+    job.fork_point = job.fork_stages = None
     if _mode(job) == "batched":
-        job.fork_point = forge_fork.fork_point(job.selection) if job.host.fork else None
+        job.fork_stages = forge_fork.block_stages(job.selections) if job.host.fork else None
+        job.fork_point = job.fork_stages[0][0] if job.fork_stages else None
         if job.fork_point is not None and job.host.fork == "object_patch":
             reason = forge_fork.install_object_patch(unet, lambda: job.live)
             if reason is not None:
                 log.info("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
-                job.fork_point = None
+                job.fork_point = job.fork_stages = None
         wrapper = _make_unet_wrapper(job, options.get("model_function_wrapper"))
         unet.set_model_unet_function_wrapper(wrapper)
         if job.host.gate == "pre_cfg":
@@ -514,18 +580,18 @@ def _install(unet, job: ForgeJob) -> None:
                 _make_calc_cond_batch(job, options.get("sampler_calc_cond_batch_function")))
         if hasattr(unet, "set_memory_peak_estimation_modifier"):
             unet.set_memory_peak_estimation_modifier(
-                _make_memory_estimate(unet, options.get("memory_peak_estimation_modifier")))
+                _make_memory_estimate(unet, options.get("memory_peak_estimation_modifier"), len(job.params.guidances())))
     unet.set_model_sampler_post_cfg_function(_make_post_cfg(job))
 
 
-def _make_memory_estimate(unet, previous):
+def _make_memory_estimate(unet, previous, guidances: int = 1):
     """``memory_peak_estimation_modifier``: the host reserves memory for its ``[2·B, C, H, W]`` cond + uncond
-    batch before sampling; the batched twins add one row per cond row, so count ``3·B`` rows (chained to a
-    modifier another extension set)."""
+    batch before sampling; the batched twins add one row per cond row and guidance, so count ``(2 + g)·B`` rows
+    (chained to a modifier another extension set)."""
 
     def estimate(shape):
         shape = list(shape)
-        rows = shape[0] + (shape[0] + 1) // 2
+        rows = shape[0] + guidances * ((shape[0] + 1) // 2)
         return (previous if previous is not None else unet.memory_required)([rows] + shape[1:])
 
     estimate.__pag_memory__ = True
@@ -570,14 +636,15 @@ def _open_step(job: ForgeJob, cond, x, sigma) -> None:
     job.step = None
     if not job.live:
         return
-    scale, index, _, _ = job.scale_at(sigma)
+    scales, index, _, _ = job.scales_at(sigma)
     job.draw = (int(bool(getattr(job.p, "is_hr_pass", False))), int(index))
-    if scale != 0 and cond:
-        job.step = Step(job.host, scale, cond, x, sigma)
+    if scales and cond:
+        job.step = Step(job.host, scales, cond, x, sigma)
 
 
 def _make_unet_wrapper(job: ForgeJob, previous):
-    """``model_function_wrapper``: perturbed twins of the cond entries ride in the host's UNet call."""
+    """``model_function_wrapper``: perturbed twins of the cond entries ride in the host's UNet call, one block
+    of twins per guidance active at this step."""
 
     def run(apply_model, args):
         if previous is not None:
@@ -608,44 +675,58 @@ def _make_unet_wrapper(job: ForgeJob, previous):
         if not matches:
             return run(apply_model, args)
         total = x.shape[0]
-        layout = twin_layout(total, rows, tuple(matches), job.images)
+        labels = step.labels
+        layout = twin_layout(total, rows, tuple(matches), job.images, labels)
         twins = _twin_rows(layout, total)
+        blocks = [(label, e, k) for label in labels for e, k in matches]  # the twin blocks, in order
+        host_options = c.get("transformer_options", {})
         twinned = {key: (value if key in ("transformer_options", "control_model") else _twin(value, twins, total))
                    for key, value in c.items()}
-        twinned["transformer_options"] = _call_options(job, c.get("transformer_options", {}), cond_or_uncond,
-                                                       [e for e, _ in matches], rows, PagRows(layout, job.draw))
-        if job.fork_point is not None:
+        twinned["transformer_options"] = _call_options(job, host_options, cond_or_uncond, [e for _, e, _ in blocks],
+                                                       rows, PagRows(layout, job.draw), labels)
+        if job.fork_stages:
             to = twinned["transformer_options"]
-            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(((job.fork_point, (1,)),), layout,
-                                                                  c.get("transformer_options", {}), to, job.fork_checks)
+
+            def stage_options(stage_layout):
+                """PAG's keys for a stage's rows: the host's, then the twin blocks of the guidances joined so far."""
+                joined = [lab for lab in labels if lab in stage_layout.labels]
+                part = [e for lab, e, _ in blocks if lab in joined]
+                return _call_options(job, host_options, cond_or_uncond, part, rows, PagRows(stage_layout, job.draw),
+                                     tuple(joined))
+
+            to[forge_fork.FORK_KEY] = forge_fork.ForkPlan.between(job.fork_stages, layout, host_options, to,
+                                                                  job.fork_checks, stage_options)
             if job.host.fork == "wrapper":
                 forge_fork.add_wrapper(to, lambda: job.live)
         new_args = dict(args)
         new_args.update(input=_twin(x, twins, total), timestep=_twin(args["timestep"], twins, total), c=twinned,
-                        cond_or_uncond=cond_or_uncond + [0] * len(matches))
-        before = job.perturbed_calls
-        with job.watching_grids():
+                        cond_or_uncond=cond_or_uncond + [0] * len(blocks))
+        before = collections.Counter(job.calls_by_label)
+        with job.watching_grids(), job.shuffling(labels) as shuffle:
             out = run(apply_model, new_args)
-        if job.perturbed_calls == before:
-            job.refuse(NEVER_CALLED)
+        reason = never_called(job.params, labels, _calls_since(job, before, shuffle))
+        if reason is not None:
+            job.refuse(reason)
             return out[:total]
-        for i, (_, k) in enumerate(matches):
-            step.add(k, out[total + i * rows:total + (i + 1) * rows])
+        for i, (label, _, k) in enumerate(blocks):
+            step.add(label, k, out[total + i * rows:total + (i + 1) * rows])
+        step.matched.update(k for _, k in matches)
         return out[:total]
 
     return _tag(wrapper, job)
 
 
 @functools.lru_cache(maxsize=256)
-def twin_layout(total: int, rows: int, matches: tuple, images: tuple, label: int = 1) -> RowLayout:
-    """The host's ``total`` rows, then a twin of each matched entry's ``rows`` rows (``matches``: ``(entry in
-    the call, its index in the step's cond list)``): twin row ``r`` of an entry copies that entry's row ``r``
-    and draws with image ``r``'s key, the entry's index and the branch."""
-    sources = [e * rows + r for e, _ in matches for r in range(rows)]
+def twin_layout(total: int, rows: int, matches: tuple, images: tuple, labels: tuple = (1,)) -> RowLayout:
+    """The host's ``total`` rows, then per guidance in ``labels`` a twin of each matched entry's ``rows`` rows
+    (``matches``: ``(entry in the call, its index in the step's cond list)``): twin row ``r`` of an entry copies
+    that entry's row ``r`` and draws with image ``r``'s key, the entry's index and the guidance."""
+    sources = [e * rows + r for _ in labels for e, _ in matches for r in range(rows)]
+    twin_labels = [label for label in labels for _ in matches for _ in range(rows)]
     keys = None
     if len(images) == rows:
-        keys = (None,) * total + tuple(images[r] + (k, label) for _, k in matches for r in range(rows))
-    return RowLayout((0,) * total + (label,) * len(sources), tuple(range(total)) + tuple(sources), keys)
+        keys = (None,) * total + tuple(images[r] + (k, label) for label in labels for _, k in matches for r in range(rows))
+    return RowLayout((0,) * total + tuple(twin_labels), tuple(range(total)) + tuple(sources), keys)
 
 
 def _twin_rows(layout: RowLayout, total: int) -> Rows:
@@ -668,8 +749,10 @@ def _twin(value, twins: Rows, total: int):
     return value
 
 
-def _call_options(job: ForgeJob, options: dict, cond_or_uncond: list, twinned: list, rows: int, marks: PagRows) -> dict:
-    """This UNet call's transformer_options: row bookkeeping for the longer batch, the mark, the patches."""
+def _call_options(job: ForgeJob, options: dict, cond_or_uncond: list, twinned: list, rows: int, marks: PagRows,
+                  labels: tuple = (1,)) -> dict:
+    """This UNet call's transformer_options: row bookkeeping for the longer batch (``twinned``: the entry each
+    twin block copies), the mark, the attn1 patches of the guidances in ``labels``."""
     to = dict(options)
     new_cu = cond_or_uncond + [0] * len(twinned)
     to["cond_or_uncond"] = new_cu
@@ -687,18 +770,26 @@ def _call_options(job: ForgeJob, options: dict, cond_or_uncond: list, twinned: l
         to["cond_indices"] = [i * rows + r for i, cu in enumerate(new_cu) if cu == 0 for r in range(rows)]
         to["uncond_indices"] = [i * rows + r for i, cu in enumerate(new_cu) if cu != 0 for r in range(rows)]
     holder = {"transformer_options": to}
-    _add_patches(job, holder)
+    _add_patches(job, holder, labels)
     holder["transformer_options"][MARK] = marks
     return holder["transformer_options"]
 
 
-def _add_patches(job: ForgeJob, model_options: dict) -> None:
-    """attn1 replace patches through the host's ``set_model_options_patch_replace`` (it copies the dicts it changes)."""
-    for layer, strength in job.selection.chosen:
-        key = (layer.host_block[0], layer.host_block[1], layer.transformer)
+def _add_patches(job: ForgeJob, model_options: dict, labels: tuple = (1,)) -> None:
+    """attn1 replace patches through the host's ``set_model_options_patch_replace`` (it copies the dicts it
+    changes), for the attention guidances in ``labels`` (TPG acts on blocks: ``ForgeJob.shuffling``)."""
+    per_key: dict = {}
+    for label in labels:
+        if job.perturbations[label].level != "attn1":
+            continue
+        for layer, strength in job.selections[label].chosen:
+            key = (layer.host_block[0], layer.host_block[1], layer.transformer)
+            entry = per_key.setdefault(key, [layer, []])
+            entry[1].append((label, float(strength)))
+    for key, (layer, strengths) in per_key.items():
         existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         previous = existing.get(key, existing.get(key[:2]))
-        job.host.set_patch_replace(model_options, _make_attn1_patch(job, previous, strength, layer_key(layer.path)),
+        job.host.set_patch_replace(model_options, _make_attn1_patch(job, previous, tuple(strengths), layer_key(layer.path)),
                                    "attn1", *key)
 
 
@@ -721,11 +812,13 @@ class _Projected:
         return t
 
 
-def _make_attn1_patch(job: ForgeJob, previous, strength: float, layer_key: int = 0):
-    """attn1 replace patch: marked rows get ``(1−a)·attn + a·perturbed`` before ``to_out`` (linear: the
-    same as mixing after it); other rows go to the patch that was there, or the host's attention. The rows
-    come from the call's ``PagRows`` (host-side): no device data is read."""
-    strengths = ((1, float(strength)),)
+def _make_attn1_patch(job: ForgeJob, previous, strengths, layer_key: int = 0):
+    """attn1 replace patch: marked rows of guidance ``g`` get ``(1−a)·attn + a·perturbed`` before ``to_out``
+    (linear: the same as mixing after it; ``strengths``: ``((g, a), ...)`` at this layer); other rows go to the
+    patch that was there, or the host's attention. The rows come from the call's ``PagRows`` (host-side): no
+    device data is read."""
+    if isinstance(strengths, (int, float)):
+        strengths = ((1, float(strengths)),)
 
     def through(q, k, v, extra):
         if previous is not None:
@@ -742,6 +835,8 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float, layer_key: int =
         if plan is None:
             return through(q, k, v, extra)
         job.perturbed_calls += 1
+        for branch in plan.branches:
+            job.calls_by_label[branch.label] += 1
         grid = job.grids.grid_for(q.shape[1])
         heads = extra["n_heads"]
         outputs = [None]
@@ -753,8 +848,9 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float, layer_key: int =
                 outputs[0] = own.take(previous(q, k, v, extra))
         for branch in plan.branches:
             rows = branch.rows
-            perturbed = job.perturbation(_Projected(rows.take(q), rows.take(k), rows.take(v), heads), rows.take(q),
-                                         grid=grid, keys=_draw_keys(layout, rows, mark.draw, layer_key))
+            perturbed = job.perturbations[branch.label](
+                _Projected(rows.take(q), rows.take(k), rows.take(v), heads), rows.take(q), grid=grid,
+                keys=_draw_keys(layout, rows, mark.draw, layer_key))
             if branch.strength < 1.0:
                 a = branch.strength
                 perturbed = ((1.0 - a) * promote(branch.in_own.take(outputs[0])) + a * promote(perturbed)).to(outputs[0].dtype)
@@ -767,42 +863,45 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float, layer_key: int =
 
 
 def _make_post_cfg(job: ForgeJob):
-    """``sampler_post_cfg_function``: ``denoised + s·(cond_denoised − perturbed)`` (+ rescale)."""
+    """``sampler_post_cfg_function``: ``denoised + Σ_g s_g·(cond_denoised − perturbed_g)`` (each guidance's
+    rescale after its term)."""
 
     def post_cfg(args):
         denoised = args["denoised"]
         step, job.step = job.step, None
         if not job.live:
             return denoised
-        scale, n, total, sigma = job.scale_at(args["sigma"])
+        scales, n, total, sigma = job.scales_at(args["sigma"])
         job.calls += 1
-        if scale == 0:
+        if not scales:
             job.log.append((n, total, sigma, 0.0, "off"))
             return denoised
         cond_denoised = args["cond_denoised"]
         if job.fork_checks.failed():  # one read of the device per step, after the UNet calls
             _stop_forking(job, n)
-        flush_notes(job.p, job.perturbation)
-        matched = step is not None and step.complete and step.scale == scale
+        for perturbation in job.perturbations.values():
+            flush_notes(job.p, perturbation)
+        matched = step is not None and step.complete and step.scales == scales
         if matched and step.checks.failed():
             log.warning("PAG: a perturbed twin was matched to the wrong cond entry (another UNet call during the "
                         "step); separate call this step")
             matched = False
-        if matched:
-            perturbed, how = step.result(), "batched"
-        else:
-            if _mode(job) == "batched":
-                log.debug("PAG: the perturbed rows did not come back from the batched call; separate call this step")
-            perturbed, how = _separate(job, args), "separate"
-            if not job.live:
-                return denoised
+        if not matched and _mode(job) == "batched":
+            log.debug("PAG: the perturbed rows did not come back from the batched call; separate call this step")
         # the host's CFG is cfg·Σ strength·(cond average − uncond) (its edit_strength): weigh PAG's term the
         # same way, so s·Σ w·(cond − perturbed) as on A1111 — one meaning of AND on every host
         weight = and_weight(args.get("cond"))
-        guided = denoised.float() + scale * weight * (cond_denoised.float() - perturbed.float())
-        if job.params.rescale:
-            guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
-        job.log.append((n, total, sigma, scale, how))
+        rescale = {g.index: g.rescale for g in job.params.guidances()}
+        guided = promote(denoised)
+        cond = promote(cond_denoised)
+        for label, scale in scales.items():
+            perturbed = step.result(label) if matched else _separate(job, args, label)
+            if not job.live:
+                return denoised
+            guided = guided + scale * weight * (cond - promote(perturbed))
+            if rescale[label]:
+                guided = rescale_guided(guided, cond, rescale[label])
+        job.log.append((n, total, sigma, sum(scales.values()), "batched" if matched else "separate"))
         job.applied_calls += 1
         return guided.to(denoised.dtype)
 
@@ -828,18 +927,29 @@ def and_weight(cond) -> float:
         return 1.0
 
 
-def _separate(job: ForgeJob, args) -> torch.Tensor:
-    """The cond entries once more in their own call, every row perturbed, on a copy of model_options."""
+def _separate(job: ForgeJob, args, label: int = 1) -> torch.Tensor:
+    """The cond entries once more in their own call, every row perturbed by guidance ``label``, on a copy of
+    model_options."""
     options = dict(args["model_options"])
     options["transformer_options"] = dict(options.get("transformer_options", {}))
-    _add_patches(job, options)
-    options["transformer_options"][MARK] = PagRows(None, job.draw, job.images, int(args["input"].shape[0]))
-    before = job.perturbed_calls
-    with job.watching_grids():
+    _add_patches(job, options, (label,))
+    options["transformer_options"][MARK] = PagRows(None, job.draw, job.images, int(args["input"].shape[0]), label)
+    before = collections.Counter(job.calls_by_label)
+    with job.watching_grids(), job.shuffling((label,)) as shuffle:
         out = job.host.cond_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
-    if job.perturbed_calls == before:
-        job.refuse(NEVER_CALLED)
+    reason = never_called(job.params, (label,), _calls_since(job, before, shuffle))
+    if reason is not None:
+        job.refuse(reason)
     return out
+
+
+def _calls_since(job: ForgeJob, before, shuffle) -> collections.Counter:
+    """Perturbed module calls per guidance since ``before`` (attn1 patches), plus the TPG block wrappers'."""
+    calls = collections.Counter(job.calls_by_label)
+    calls.subtract(before)
+    if shuffle is not None:
+        calls.update(shuffle.calls_by_label)
+    return calls
 
 
 __all__ = ["A1111", "FORGE2", "REFORGE", "ForgeJob", "HostApi", "PagRows", "apply", "detect_host", "diffusion_model_of", "end", "host_api",

@@ -40,7 +40,8 @@ import weakref
 import torch
 
 from .fork import (
-    DISABLE_ENV, ForkChecks, ForkPoint, _is_own_bound_forward, first_perturbed_stage, fork_plan, inputs_differ, take_rows,
+    DISABLE_ENV, ForkChecks, ForkPoint, _is_own_bound_forward, first_perturbed_stage, fork_plan, fork_stages, inputs_differ,
+    take_rows,
 )
 from .layers import LayerSelection
 from .layout import RowLayout
@@ -102,6 +103,7 @@ class ForkPlan:
     layout: RowLayout
     restore: dict
     checks: ForkChecks | None = None
+    stage_options: object = None  # (stage layout) -> the options PAG builds for a partial batch (several stages)
 
     @property
     def rows(self) -> int:
@@ -112,14 +114,29 @@ class ForkPlan:
         return self.stages[0][0]
 
     @classmethod
-    def between(cls, stages, layout: RowLayout, host_options: dict, call_options: dict, checks: ForkChecks | None = None):
+    def between(cls, stages, layout: RowLayout, host_options: dict, call_options: dict, checks: ForkChecks | None = None,
+                stage_options=None):
         """The plan for a call whose options PAG built as ``call_options`` from the host's ``host_options``
         (compared by identity, key by key; before ``FORK_KEY`` and PAG's wrapper are added)."""
         restore = {k: host_options.get(k, _ABSENT) for k in set(host_options) | set(call_options)
                    if k not in call_options or k not in host_options or call_options[k] is not host_options[k]}
         restore[FORK_KEY] = _ABSENT
         restore["wrappers"] = host_options.get("wrappers", _ABSENT)
-        return cls(tuple(stages), layout, restore, checks)
+        return cls(tuple(stages), layout, restore, checks, stage_options)
+
+    def options_at(self, layout: RowLayout, received: dict) -> dict:
+        """The options for a stage whose batch is ``layout`` (some guidances' twins joined, not all): the received
+        options with PAG's keys set for that batch (``stage_options``)."""
+        options = self.prefix_options(received)
+        built = self.stage_options(layout)
+        for k in self.restore:
+            if k in (FORK_KEY, "wrappers"):
+                continue
+            if k in built:
+                options[k] = built[k]
+            else:
+                options.pop(k, None)
+        return options
 
     def prefix_options(self, received: dict) -> dict:
         """The options the UNet received, with PAG's twin bookkeeping undone: what the host's rows see."""
@@ -130,6 +147,20 @@ class ForkPlan:
             else:
                 options[k] = v
         return options
+
+
+def block_stages(selections) -> tuple | None:
+    """``fork.fork_stages`` for the walk, which joins at block boundaries: a join inside the middle block moves
+    before it (stages at the same point merge). None when the fork is off."""
+    stages = fork_stages(selections) if selections else None
+    if not stages:
+        return None
+    merged: dict = {}
+    for point, labels in stages:
+        if point.part == "middle":
+            point = ForkPoint("middle", 0)
+        merged.setdefault(point, []).extend(labels)
+    return tuple((point, tuple(labels)) for point, labels in sorted(merged.items(), key=lambda kv: kv[0].order))
 
 
 def fork_point(selection: LayerSelection | None) -> ForkPoint | None:
@@ -196,8 +227,8 @@ def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, c
         # they see every block in turn and may carry state from one to the next (ControlNet's tile_colorfix
         # keeps input block 0's h until the last block): rows that change size on the way would break them
         reason = "block modifiers are set (they may carry state from block to block)"
-    if reason is None and len(stages) != 1:
-        reason = "several join points (one per branch) are not walked on this host"
+    if reason is None and len(stages) > 1 and plan.stage_options is None:
+        reason = "several join points and no options for the partial batches"
     n = int(x.shape[0])
     fitted = None
     if reason is None:
@@ -214,9 +245,10 @@ def forked_forward(unet, host: HostForward, plan: ForkPlan, x, timesteps=None, c
     full = (x, timesteps, context, y, control, kwargs)
     if plan.checks is not None:
         plan.checks.add(inputs_differ(full, n, rows))
-    log.debug("PAG fork before %s: prefix on %d of %d rows", plan.point, len(rows.prefix), n)
+    log.debug("PAG fork before %s: prefix on %d of %d rows", ", ".join(str(s.point) for s in rows.stages),
+              len(rows.prefix), n)
     return _walk(unet, host.flavor == "forge2", sys.modules[type(unet).__module__], rows, full,
-                 plan.prefix_options(options), options)
+                 plan.prefix_options(options), options, plan)
 
 
 class _Segment:
@@ -227,7 +259,7 @@ class _Segment:
         self.patches = options.get("patches", {})
 
 
-def _walk(unet, forge2: bool, mod, rows, full, prefix_options: dict, options: dict):
+def _walk(unet, forge2: bool, mod, rows, full, prefix_options: dict, options: dict, plan: ForkPlan):
     """The host forward, statement for statement, on ``rows.prefix`` until each stage's join point."""
     x, timesteps, context, y, control, kwargs = full
     n = int(x.shape[0])
@@ -255,13 +287,21 @@ def _walk(unet, forge2: bool, mod, rows, full, prefix_options: dict, options: di
         nonlocal seg
         stage = stages_left.pop(0)
         index = seg.options.get("transformer_index", 0)
-        rest = control
+        last = not stages_left
+        active = stage.active
         if isinstance(control, dict) and isinstance(seg.control, dict):
-            # the prefix popped its residuals from its own copies: the rest starts where it stopped
-            rest = {k: (v[:len(seg.control[k])] if isinstance(v, list) and isinstance(seg.control.get(k), list) else v)
-                    for k, v in control.items()}
-        seg = _Segment(context, rest, options, kwargs)
-        seg.options["original_shape"] = list(x.shape)
+            # the part before popped its residuals from its own copies: the rest starts where it stopped
+            rest = {k: (take_rows(v[:len(seg.control[k])], active, n) if isinstance(v, list) and isinstance(seg.control.get(k), list)
+                        else take_rows(v, active, n)) for k, v in control.items()}
+        else:
+            rest = take_rows(control, active, n)
+        if last:
+            seg = _Segment(context, rest, options, kwargs)
+            seg.options["original_shape"] = list(x.shape)
+        else:  # some guidances' twins joined, not all: PAG's keys for this batch
+            seg = _Segment(take_rows(context, active, n), rest, plan.options_at(stage.layout, options),
+                           take_rows(kwargs, active, n))
+            seg.options["original_shape"] = [len(active)] + list(x.shape[1:])
         seg.options["transformer_index"] = index
         g = stage.gather
         return g.take(h), [g.take(t) for t in hs], g.take(emb)

@@ -25,6 +25,7 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -115,23 +116,39 @@ def fork_stages(selections) -> tuple[tuple[ForkPoint, tuple[int, ...]], ...] | N
 @dataclass(frozen=True)
 class Stage:
     """One join: before ``point``, the batch grows from the rows computed so far to ``active`` (rows of the
-    full call, in order); ``gather`` picks, for each of them, its row in the batch so far (a twin: its source's)."""
+    full call, in order); ``gather`` picks, for each of them, its row in the batch so far (a twin: its source's);
+    ``layout``: the layout of the grown batch (what the patched modules after the join see)."""
 
     point: ForkPoint
     labels: tuple[int, ...]
     active: Rows
     gather: Rows
+    layout: RowLayout
 
 
 @dataclass(frozen=True)
 class ForkPlan:
-    """The host-side bookkeeping of one forked call, made once per layout: the prefix rows (the plain ones)
-    and the stages; ``twins``/``sources``: every twin row and its source row (for the input check)."""
+    """The host-side bookkeeping of one forked call, made once per layout: the prefix rows (the plain ones,
+    ``prefix_layout``) and the stages; ``twins``/``sources``: every twin row and its source row (for the input
+    check)."""
 
     prefix: Rows
     stages: tuple[Stage, ...]
     twins: Rows
     sources: Rows
+    prefix_layout: RowLayout
+
+
+def sub_layout(layout: RowLayout, rows: Sequence[int]) -> RowLayout:
+    """The layout of a batch made of ``layout``'s ``rows`` (in that order; a twin's source must be among them)."""
+    position = {row: k for k, row in enumerate(rows)}
+    sources = None
+    if layout.sources is not None:
+        sources = tuple(position.get(layout.sources[r], -1) for r in rows)
+        if any(s < 0 for s in sources):
+            sources = None
+    keys = None if layout.keys is None else tuple(layout.keys[r] for r in rows)
+    return RowLayout(tuple(layout.labels[r] for r in rows), sources, keys)
 
 
 @functools.lru_cache(maxsize=256)
@@ -153,12 +170,13 @@ def fork_plan(layout: RowLayout, stages: tuple) -> ForkPlan | None:
         position = {row: j for j, row in enumerate(active)}
         grown = sorted(active + joined)
         gather = [position[i] if i in position else position[layout.sources[i]] for i in grown]
-        built.append(Stage(point, tuple(joining), Rows(grown), Rows(gather)))
+        built.append(Stage(point, tuple(joining), Rows(grown), Rows(gather), sub_layout(layout, grown)))
         active = grown
     if not built:
         return None
     twins = [i for i, lab in enumerate(labels) if lab != PLAIN]
-    return ForkPlan(Rows(plain), tuple(built), Rows(twins), Rows([layout.sources[i] for i in twins]))
+    return ForkPlan(Rows(plain), tuple(built), Rows(twins), Rows([layout.sources[i] for i in twins]),
+                    sub_layout(layout, plain))
 
 
 # --- which forward the UNet has ------------------------------------------------------------------
@@ -245,7 +263,8 @@ class ForkChecks:
 
 def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, context=None, y=None, *,
                    layout: RowLayout | None = None, stages=None, perturbed=None, source=None,
-                   first_block: ForkPoint | None = None, checks: ForkChecks | None = None, **kwargs) -> torch.Tensor | None:
+                   first_block: ForkPoint | None = None, checks: ForkChecks | None = None, marks=None,
+                   **kwargs) -> torch.Tensor | None:
     """The UNet output for ``x``, each branch's twins joining the batch at its stage (before that, only the
     rows they copy are computed). Returns None when the fork cannot be used: the caller then runs
     ``unet(x, ...)`` as usual.
@@ -253,7 +272,8 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
     ``layout``: the rows of the call (labels and sources, ``lib_pag.layout``) and ``stages``
     (``fork_stages``); or, for one branch, ``perturbed`` (a bool mask), ``source`` (for each perturbed row
     the row it copies) and ``first_block``. A call of ``k·N`` rows for a layout of ``N`` is ``k`` tiles of it.
-    Nothing here reads device data; ``checks`` gets the deferred twin-input check.
+    Nothing here reads device data; ``checks`` gets the deferred twin-input check. ``marks`` (the
+    ``RowMarks`` the attention patch reads) gets each segment's layout while it runs.
     """
     if layout is None:
         if perturbed is None or first_block is None:
@@ -295,12 +315,23 @@ def forked_forward(unet: torch.nn.Module, x: torch.Tensor, timesteps=None, conte
               len(plan.prefix), n)
     cat = getattr(getattr(mod, "th", None) or getattr(mod, "torch", torch), "cat")  # A1111 hijacks th.cat
     stages_left = list(plan.stages)
+    saved = marks.segment(plan.prefix_layout) if marks is not None else None
+    try:
+        return _walk_ldm(unet, plain, mod, cat, plan, stages_left, marks, x, timesteps, context, y, n)
+    finally:
+        if marks is not None:
+            marks.restore(saved)
 
+
+def _walk_ldm(unet, plain, mod, cat, plan, stages_left, marks, x, timesteps, context, y, n):
+    """``UNetModel.forward`` of ldm/sgm, block by block, the rows growing at each stage."""
     def due(part, index):
         return bool(stages_left) and (stages_left[0].point.part, stages_left[0].point.index) == (part, index)
 
     def join(h, hs, emb):
         stage = stages_left.pop(0)
+        if marks is not None:
+            marks.segment(stage.layout)
         g = stage.gather
         return g.take(h), [g.take(t) for t in hs], g.take(emb), take_rows(context, stage.active, n)
 
@@ -445,7 +476,8 @@ DISABLE_ENV = "SD_WEBUI_PAG_NO_FORK"  # set to 1 to turn the shared-prefix fork 
 
 
 @contextmanager
-def forking(unet: torch.nn.Module, selection, perturbed, source=None, *, checks: ForkChecks | None = None):
+def forking(unet: torch.nn.Module, selection, perturbed, source=None, *, checks: ForkChecks | None = None,
+            marks=None):
     """Fork the UNet calls made inside the block (an instance ``forward`` on ``unet``, always removed).
 
     ``selection``: a ``LayerSelection`` (branch 1) or ``{label: LayerSelection}``; ``perturbed``: the call's
@@ -475,7 +507,8 @@ def forking(unet: torch.nn.Module, selection, perturbed, source=None, *, checks:
 
     def forward(x, timesteps=None, context=None, y=None, *args, **kwargs):
         if state["active"] and not args:
-            out = forked_forward(unet, x, timesteps, context, y, layout=layout, stages=stages, checks=checks, **kwargs)
+            out = forked_forward(unet, x, timesteps, context, y, layout=layout, stages=stages, checks=checks,
+                                 marks=marks, **kwargs)
             if out is not None:
                 return out
         own = previous if previous is not None else (lambda *a, **k: type(unet).forward(unet, *a, **k))

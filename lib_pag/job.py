@@ -14,6 +14,8 @@ log = logging.getLogger("sd_webui_pag")
 INFOTEXT_PREFIX = "PAG "
 NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet engine such as TensorRT, or an "
                 "extension that replaced them): there is no self-attention for PAG to perturb")
+NEVER_CALLED_BLOCKS = ("the UNet ran without calling the chosen transformer blocks as modules (an extension or host that "
+                       "replaced them): there are no hidden states for TPG to shuffle")
 NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
 
 
@@ -84,6 +86,36 @@ def comment(p, text: str) -> None:
             p.comment(text)
         except Exception:  # a comment must never break a generation
             pass
+
+
+def perturbations_for(params: PagParams, seed: int = 0) -> dict:
+    """``{guidance index: Perturbation}`` for every guidance the job runs (``PagParams.guidances``)."""
+    from .perturbations import Perturbation
+
+    return {g.index: Perturbation(g.method, g.blur_sigma, g.noise_scale, seed) for g in params.guidances()}
+
+
+def resolve_guidances(params: PagParams, catalog) -> dict:
+    """``{guidance index: LayerSelection}`` on a model's catalog; a name the model does not have is a
+    ``PagError`` naming that guidance's field (``PAG layers``, ``PAG 2 layers``, …)."""
+    from .layers import resolve_layers
+
+    return {g.index: resolve_layers(g.layers, catalog, field=g.label("layers")) for g in params.guidances()}
+
+
+def never_called(params: PagParams, labels, calls_by_label) -> str | None:
+    """Why a UNet call that carried twins of guidances ``labels`` perturbed none of some guidance's rows, or
+    None; ``calls_by_label``: perturbed module calls per guidance during that call."""
+    for g in params.guidances():
+        if g.index in labels and not calls_by_label.get(g.index):
+            reason = NEVER_CALLED_BLOCKS if g.method == "tpg" else NEVER_CALLED
+            return reason if g.index == 1 else f"guidance {g.index} ({g.method}): {reason}"
+    return None
+
+
+def more_guidances(params: PagParams) -> str:
+    """``", + seg 2 on mid, + tpg 1 on d2.2-9,d3"``: the extra guidances of a job, for its log line."""
+    return "".join(f", + {b.method} {b.scale:g} on {b.layers}" for b in params.guidances()[1:])
 
 
 def image_keys(p, seeds=None, subseeds=None) -> tuple:
@@ -165,6 +197,7 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
     return "separate"
 
 
-__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "flush_notes", "note_skipped", "check_neighbors", "comment", "image_keys",
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "flush_notes", "more_guidances", "never_called", "note_skipped", "perturbations_for",
+           "resolve_guidances", "check_neighbors", "comment", "image_keys",
            "params_from_script_args",
            "read_params", "write_infotext", "write_note"]

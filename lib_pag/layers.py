@@ -54,6 +54,11 @@ class AttnLayer:
         found = self.refs[0]() if self.refs else None
         return found if found is not None else unet.get_submodule(self.path)
 
+    def transformer_block(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The transformer block holding it (TPG shuffles the hidden states entering it)."""
+        found = self.refs[2]() if len(self.refs) > 2 else None
+        return found if found is not None else unet.get_submodule(self.path.rsplit(".attn1", 1)[0])
+
     def spatial_transformer(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The spatial transformer holding it (its input's shape is the attention's token grid)."""
         found = self.refs[1]() if len(self.refs) > 1 else None
@@ -143,7 +148,7 @@ def build_catalog(unet: torch.nn.Module) -> LayerCatalog:
                         name=f"{PREFIX[part]}{index}.{j}", part=part, block=index, transformer=j,
                         host_block=(HOST_BLOCK[part], host_index),
                         path=".".join(filter(None, (prefix, sub_path, f"transformer_blocks.{j}.attn1"))),
-                        refs=(weakref.ref(tb.attn1), weakref.ref(child)),
+                        refs=(weakref.ref(tb.attn1), weakref.ref(child), weakref.ref(tb)),
                     ))
                     found = True
             index += found
@@ -182,10 +187,14 @@ def parse_layer_spec(spec) -> tuple[LayerSelector, ...]:
     return tuple(_parse_entry(e) for e in entries)
 
 
-def normalize_layer_spec(spec) -> str:
+def normalize_layer_spec(spec, field: str = FIELD) -> str:
     """The canonical text form of a valid spec, for infotext and params: entries joined by ``,``, an entry
-    repeated later dropped where it stood first (the later one applies again anyway: same meaning)."""
-    texts = [s.text for s in parse_layer_spec(spec)]
+    repeated later dropped where it stood first (the later one applies again anyway: same meaning).
+    ``field``: the name errors give (``PAG 2 layers`` for guidance 2)."""
+    try:
+        texts = [s.text for s in parse_layer_spec(spec)]
+    except PagError as err:
+        raise err.relabeled(field) from None
     return ",".join(t for i, t in enumerate(texts) if t not in texts[i + 1:])
 
 
@@ -229,8 +238,16 @@ def format_number(value: float) -> str:
 
 # --- resolution against a model ----------------------------------------------------------------
 
-def resolve_layers(spec, catalog: LayerCatalog) -> LayerSelection:
-    """Resolve a spec against a catalog; later entries override the strength of earlier ones."""
+def resolve_layers(spec, catalog: LayerCatalog, field: str = FIELD) -> LayerSelection:
+    """Resolve a spec against a catalog; later entries override the strength of earlier ones. Raises
+    ``PagError`` naming ``field`` (``PAG layers``, ``PAG 2 layers``, …) for names the model does not have."""
+    try:
+        return _resolve(spec, catalog)
+    except PagError as err:
+        raise err.relabeled(field) from None
+
+
+def _resolve(spec, catalog: LayerCatalog) -> LayerSelection:
     selectors = spec if isinstance(spec, tuple) and all(isinstance(s, LayerSelector) for s in spec) else parse_layer_spec(spec)
     strengths: dict[str, float] = {}
     for selector in selectors:

@@ -6,6 +6,7 @@ the wrappers perturb exactly those rows and hand every other row to the module's
 
 from __future__ import annotations
 
+import collections
 import logging
 import zlib
 from contextlib import contextmanager
@@ -68,6 +69,16 @@ class RowMarks:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def segment(self, layout: RowLayout):
+        """Mark ``layout`` (a part of the UNet call's batch that runs alone: the fork's prefix and stages) as the
+        whole call for the modules that run next; returns what to ``restore``."""
+        saved = (self.layout, self.unet_rows)
+        self.layout, self.unet_rows = layout, layout.n
+        return saved
+
+    def restore(self, saved) -> None:
+        self.layout, self.unet_rows = saved
 
     def layout_for(self, batch: int) -> RowLayout | None:
         """The layout of a module call of ``batch`` rows (see ``RowLayout.fit``), or None when no row is perturbed."""
@@ -150,17 +161,22 @@ class AttentionPatch:
 
     def __init__(self, unet: torch.nn.Module, selection: LayerSelection | None = None,
                  perturbation: Perturbation | None = None, marks: RowMarks | None = None, *,
-                 branches: Sequence[Branch] | None = None):
+                 branches: Sequence[Branch] | None = None, levels: tuple = ("attn1", "block"), layout_of=None):
         if branches is None:
             branches = [Branch(1, selection, perturbation or Perturbation())]
         self.unet = unet
         self.branches = tuple(branches)
+        self.levels = tuple(levels)  # Forge patches attn1 through its own replace patches: ("block",) there
+        # where a wrapped module finds its rows: ``marks`` (A1111), or ``layout_of(x, args, kwargs)`` →
+        # ``(RowLayout, draw key)`` or None (Forge: the call's ``transformer_options``)
+        self.layout_of = layout_of
         self.marks = marks or RowMarks()
         self.grids = TokenGrids()
         self.patched: list[str] = []
         self._installed: list[tuple[torch.nn.Module, bool, object, object]] = []
         self._watch = self._watch_rows = None
-        self.perturbed_calls = 0  # attn1 calls that perturbed marked rows (0 after a UNet call: the modules never ran)
+        self.perturbed_calls = 0  # module calls that perturbed marked rows (0 after a UNet call: the modules never ran)
+        self.calls_by_label = collections.Counter()  # the same per guidance
         self._depth = 0
         self.active = False
 
@@ -173,14 +189,19 @@ class AttentionPatch:
         return self.branches[0].perturbation
 
     def _targets(self):
-        """``(layer, ((label, strength), ...), {label: perturbation})`` per attn1 module, in catalog order."""
-        by_path: dict[str, list] = {}
+        """``(level, layer, ((label, strength), ...), {label: perturbation})`` per module to wrap: the attn1
+        modules of attention perturbations, the transformer blocks of TPG (``Perturbation.level``)."""
+        found: dict[tuple, list] = {}
         for branch in self.branches:
+            level = branch.perturbation.level
+            if level not in self.levels:
+                continue
             for layer, strength in branch.selection.chosen:
-                entry = by_path.setdefault(layer.path, [layer, [], {}])
+                entry = found.setdefault((level, layer.path), [layer, [], {}])
                 entry[1].append((branch.label, float(strength)))
                 entry[2][branch.label] = branch.perturbation
-        return [(layer, tuple(strengths), perturbations) for layer, strengths, perturbations in by_path.values()]
+        return [(level, layer, tuple(strengths), perturbations)
+                for (level, _), (layer, strengths, perturbations) in found.items()]
 
     # --- lifecycle ---
 
@@ -192,14 +213,16 @@ class AttentionPatch:
             self._watch_rows = self.marks.watching(self.unet)
             self._watch_rows.__enter__()
             grid_layers = []
-            for layer, strengths, perturbations in self._targets():
-                module = layer.module(self.unet)
+            for level, layer, strengths, perturbations in self._targets():
+                block = level == "block"
+                module = layer.transformer_block(self.unet) if block else layer.module(self.unet)
                 had_own = "forward" in module.__dict__
                 previous = module.__dict__.get("forward")
-                wrapper = self._make_wrapper(module, previous, strengths, perturbations, layer_key(layer.path))
+                make = self._make_block_wrapper if block else self._make_wrapper
+                wrapper = make(module, previous, strengths, perturbations, layer_key(layer.path))
                 module.forward = wrapper
                 self._installed.append((module, had_own, previous, wrapper))
-                self.patched.append(layer.name)
+                self.patched.append(layer.name + (" block" if block else ""))
                 if any(p.needs_grid for p in perturbations.values()):
                     grid_layers.append(layer)
             if grid_layers:
@@ -210,7 +233,7 @@ class AttentionPatch:
             self._uninstall()
             self._depth = 0
             raise
-        log.debug("PAG patched %d attn1 modules: %s", len(self.patched), ", ".join(self.patched))
+        log.debug("PAG patched %d modules: %s", len(self.patched), ", ".join(self.patched))
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -237,7 +260,21 @@ class AttentionPatch:
         self._installed.clear()
         self.patched = []
 
-    # --- the wrapper ---
+    # --- the wrappers ---
+
+    def count(self, plan) -> None:
+        self.perturbed_calls += 1
+        for branch in plan.branches:
+            self.calls_by_label[branch.label] += 1
+
+    def rows(self, x, args, kwargs) -> tuple:
+        """``(layout of this module call, draw key)``, or ``(None, ())`` when nothing here is perturbed."""
+        if not self.active:
+            return None, ()
+        if self.layout_of is not None:
+            found = self.layout_of(x, args, kwargs)
+            return found if found is not None else (None, ())
+        return self.marks.layout_for(x.shape[0]), self.marks.draw
 
     def _make_wrapper(self, module, previous, strengths, perturbations, layer_key: int):
         patch = self
@@ -248,11 +285,11 @@ class AttentionPatch:
             return type(module).forward(module, x, *args, **kwargs)
 
         def pag_forward(x, *args, **kwargs):
-            layout = patch.marks.layout_for(x.shape[0]) if patch.active else None
+            layout, draw = patch.rows(x, args, kwargs)
             plan = module_plan(layout, strengths) if layout is not None else None
             if plan is None:
                 return own_forward(x, *args, **kwargs)
-            patch.perturbed_calls += 1
+            patch.count(plan)
             n = x.shape[0]
             extra = kwargs.get("additional_tokens")
             grid = patch.grids.grid_for(x.shape[1])
@@ -265,7 +302,7 @@ class AttentionPatch:
                 rows = branch.rows
                 perturbed = perturbations[branch.label](
                     module, rows.take(x), grid=grid, additional_tokens=take_rows(extra, rows, n),
-                    keys=draw_keys(layout, rows, patch.marks.draw, layer_key))
+                    keys=draw_keys(layout, rows, draw, layer_key))
                 if branch.strength < 1.0:
                     a = branch.strength
                     mixed = (1.0 - a) * promote(branch.in_own.take(outputs[0])) + a * promote(perturbed)
@@ -276,6 +313,50 @@ class AttentionPatch:
 
         pag_forward.__pag_wrapper__ = True
         return pag_forward
+
+    def _make_block_wrapper(self, module, previous, strengths, perturbations, layer_key: int):
+        """TPG: the marked rows enter the transformer block with their tokens shuffled (``Perturbation.shuffle``),
+        and are not put back. At strength ``a < 1`` those rows get ``(1−a)·block(x) + a·block(shuffled x)``
+        (the block runs once more on them)."""
+        patch = self
+
+        def own_forward(x, *args, **kwargs):
+            if previous is not None:
+                return previous(x, *args, **kwargs)
+            return type(module).forward(module, x, *args, **kwargs)
+
+        def tpg_forward(x, *args, **kwargs):
+            layout, draw = patch.rows(x, args, kwargs)
+            plan = module_plan(layout, strengths) if layout is not None else None
+            if plan is None:
+                return own_forward(x, *args, **kwargs)
+            patch.count(plan)
+            n = x.shape[0]
+            shuffled = [perturbations[b.label].shuffle(b.rows.take(x), draw_keys(layout, b.rows, draw, layer_key))
+                        for b in plan.branches]
+            full = [b for b in plan.branches if b.strength >= 1.0]
+            if full:  # the rows at full strength enter the block shuffled, in the same call as the others
+                pieces = [plan.own.take(x) if plan.own is not None else None]
+                pieces += [s if b.strength >= 1.0 else b.rows.take(x) for b, s in zip(plan.branches, shuffled)]
+                x_in = assemble(plan, pieces)
+            else:
+                x_in = x
+            out = own_forward(x_in, *args, **kwargs)
+            partial = [(b, s) for b, s in zip(plan.branches, shuffled) if b.strength < 1.0]
+            if not partial:
+                return out
+            pieces = [plan.own.take(out) if plan.own is not None else None]
+            for b, s in zip(plan.branches, shuffled):
+                mine = b.rows.take(out)
+                if b.strength < 1.0:
+                    again = own_forward(s, *[take_rows(a, b.rows, n) for a in args],
+                                        **{k: take_rows(v, b.rows, n) for k, v in kwargs.items()})
+                    mine = ((1.0 - b.strength) * promote(mine) + b.strength * promote(again)).to(out.dtype)
+                pieces.append(mine)
+            return assemble(plan, pieces)
+
+        tpg_forward.__pag_wrapper__ = True
+        return tpg_forward
 
 
 def take_rows(value, rows: Rows, n: int):

@@ -6,6 +6,7 @@ and other Linear-level patches still apply.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -61,7 +62,13 @@ class Perturbation:
     @property
     def needs_grid(self) -> bool:
         """Whether this method needs the 2-D token grid of each perturbed attention call."""
-        return self.method == "blur"
+        return self.method in ("blur", "seg")
+
+    @property
+    def level(self) -> str:
+        """Where it acts: ``"attn1"`` (the self-attention of the chosen layers) or ``"block"`` (TPG: the hidden
+        states entering the transformer block that holds the chosen attn1)."""
+        return "block" if self.method == "tpg" else "attn1"
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -98,19 +105,46 @@ class Perturbation:
             return identity_attention(attn, x)
         if self.method == "blur":
             if grid is None:
-                grid = (1, x.shape[1])
-                if not self._warned_grid:
-                    self._warned_grid = True
-                    log.warning("PAG blur: the token grid of a %d-token attention is not known; blurring along the "
-                                "flattened token order instead (warned once per job)", x.shape[1])
-                    self.notes.append("blur along the flattened token order in some layers (their token grid is not "
-                                      "known, e.g. an extension split the attention)")
+                grid = self._unknown_grid(x)
             return blurred_query_attention(attn, x, self.blur_sigma, grid, additional_tokens)
+        if self.method == "seg":
+            if grid is None:
+                grid = self._unknown_grid(x)
+            return seg_attention(attn, x, self.blur_sigma, grid, additional_tokens)
         if self.method == "noise":
             def noise(shape):
                 return self.randn_rows(shape[1:], shape[0], keys, x.device)
             return noisy_logit_attention(attn, x, self.noise_scale, noise, additional_tokens)
-        raise ValueError(f"unknown perturbation {self.method!r}")
+        raise ValueError(f"unknown perturbation {self.method!r} for attn1")
+
+    def _unknown_grid(self, x) -> tuple[int, int]:
+        if not self._warned_grid:
+            self._warned_grid = True
+            log.warning("PAG %s: the token grid of a %d-token attention is not known; blurring along the flattened "
+                        "token order instead (warned once per job)", self.method, x.shape[1])
+            self.notes.append(f"{self.method} along the flattened token order in some layers (their token grid is "
+                              "not known, e.g. an extension split the attention)")
+        return (1, x.shape[1])
+
+    def shuffle(self, x: torch.Tensor, keys=None) -> torch.Tensor:
+        """TPG: ``x`` (``(B, N, C)``, the hidden states entering a transformer block) with each row's tokens in
+        a random order of its own (``tpg_permutations``), not put back afterwards."""
+        perms = tpg_permutations(x.shape[0], x.shape[1], keys, x.device, self)
+        return x.gather(1, perms.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def tpg_permutations(rows: int, n: int, keys, device, perturbation: "Perturbation") -> torch.Tensor:
+    """``(rows, n)`` long tensor: a uniformly random permutation of ``0..n-1`` per row, made on ``device`` as the
+    order of ``n`` uniform draws (``argsort``) from the row's keyed generator (``Perturbation.randn_rows``'s
+    keys: the image's seed, the model call, the layer). Token Perturbation Guidance (Rajabi et al., arXiv
+    2506.10036; TaatiTeam/Token-Perturbation-Guidance ``shuffle_tokens``) draws one ``torch.randperm`` per call
+    of a block from the global RNG for all perturbed rows; one per row, from its own key, is what makes an
+    image reproducible from its seed whatever else shares its batch."""
+    if keys is None or any(k is None for k in keys):
+        draws = torch.rand((rows, n), generator=perturbation._stream(device), device=device)
+    else:
+        draws = torch.stack([torch.rand((n,), generator=perturbation._keyed(device, k), device=device) for k in keys])
+    return draws.argsort(dim=1)
 
 
 def identity_attention(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +204,71 @@ def blurred_query_attention(attn, x, sigma, grid, additional_tokens=None):
     full, extra = _with_extra(x, additional_tokens)
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
     q = torch.cat([q[:, :extra], blur_tokens(q[:, extra:], sigma, grid)], dim=1)
+    heads = _heads(attn)
+    out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
+    return attn.to_out(_merge(out)[:, extra:])
+
+
+SEG_INFINITE = 9999.0  # SusungHong/SEG-SDXL: a blur sigma above this is the mean query (inf_blur_threshold)
+
+
+def seg_kernel_size(sigma: float, side: int) -> int:
+    """SEG's kernel size for ``sigma`` on a grid side of ``side`` tokens: ``ceil(6σ) + 1 − ceil(6σ) mod 2`` (odd),
+    at most ``side + 1`` for an even side and ``side`` for an odd one (SEG-SDXL ``gaussian_blur_2d``)."""
+    k = math.ceil(6 * sigma)
+    k = k + 1 - k % 2
+    return min(k, side - (side % 2 - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _seg_matrix_on(side: int, sigma: float, device_type: str, device_index, dtype) -> torch.Tensor:
+    """``(side, side)``: the 1-D Gaussian of ``seg_kernel_size`` taps (integer offsets, normalised to sum 1)
+    over a reflect-padded axis, as a matrix (``out = M @ in``); made on the device, cached per device."""
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    k = seg_kernel_size(sigma, side)
+    r = k // 2
+    offsets = torch.arange(-r, r + 1, device=device)
+    weights = torch.exp(-0.5 * (offsets.to(torch.float64) / sigma) ** 2)
+    weights = weights / weights.sum()
+    source = torch.arange(side, device=device)[:, None] + offsets[None, :]
+    source = torch.where(source < 0, -source, source)  # reflect (the edge itself is not repeated)
+    source = torch.where(source >= side, 2 * (side - 1) - source, source)
+    matrix = torch.zeros((side, side), dtype=torch.float64, device=device)
+    matrix.scatter_add_(1, source, weights.expand(side, k).contiguous())
+    return matrix.to(dtype)
+
+
+def seg_blur(q: torch.Tensor, sigma: float, grid: tuple[int, int]) -> torch.Tensor:
+    """Smoothed Energy Guidance's query blur (Hong, arXiv 2408.00760; SusungHong/SEG-SDXL ``gaussian_blur_2d``):
+    ``q`` (``(B, h·w, C)``, the attention's projected queries) blurred per channel over its ``(h, w)`` token
+    grid by a 2-D Gaussian of ``sigma`` tokens — ``seg_kernel_size`` taps, reflect padding, i.e. the official
+    depthwise ``conv2d`` with the outer product of the 1-D kernel, applied here separably (the same numbers) —
+    or, for ``sigma > SEG_INFINITE`` (``inf``), every token the mean query. A non-square grid caps each axis'
+    kernel by that axis (the official code supports square grids only; on a square grid this is its kernel).
+    Computed in at least fp32."""
+    b, n, c = q.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
+    t = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    if sigma > SEG_INFINITE:
+        return t.mean(dim=1, keepdim=True).expand(b, n, c).to(q.dtype)
+    t = t.reshape(b, h, w, c)
+    device = t.device
+    mh = _seg_matrix_on(h, float(sigma), device.type, device.index, t.dtype)
+    mw = _seg_matrix_on(w, float(sigma), device.type, device.index, t.dtype)
+    t = torch.einsum("ij,bjwc->biwc", mh, t)
+    t = torch.einsum("ij,bhjc->bhic", mw, t)
+    return t.reshape(b, n, c).to(q.dtype)
+
+
+def seg_attention(attn, x, sigma, grid, additional_tokens=None):
+    """SEG: self-attention with the query blurred by ``seg_blur`` (keys and values from the unblurred hidden
+    states), then the module's output projection. ``x``: ``(B, N, C)`` image tokens on an ``(h, w)`` grid;
+    ``additional_tokens`` (``(B, M, C)``, sgm) join K/V and are not blurred."""
+    full, extra = _with_extra(x, additional_tokens)
+    q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
+    q = torch.cat([q[:, :extra], seg_blur(q[:, extra:], sigma, grid)], dim=1)
     heads = _heads(attn)
     out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
     return attn.to_out(_merge(out)[:, extra:])

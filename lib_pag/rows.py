@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def twin_rows(t, n_cond: int):
-    """``[cond, cond, rest]`` for a tensor or a dict of tensors (SDXL conds); None stays None."""
+def twin_rows(t, n_cond: int, copies: int = 1):
+    """``[cond, cond × copies, rest]`` for a tensor or a dict of tensors (SDXL conds); None stays None."""
     if t is None:
         return None
     if isinstance(t, dict):
-        doubled = {k: twin_rows(v, n_cond) for k, v in t.items()}
+        doubled = {k: twin_rows(v, n_cond, copies) for k, v in t.items()}
         return same_dict_type(t, doubled)
-    return torch.cat([t[:n_cond], t[:n_cond], t[n_cond:]])
+    return torch.cat([t[:n_cond]] * (1 + copies) + [t[n_cond:]])
 
 
 def rows_of(t, a: int, b: int):
@@ -44,9 +44,9 @@ def same_dict_type(original: dict, values: dict) -> dict:
     return values
 
 
-def twin_cond(cond, n_cond: int):
-    """The text cond with its ``n_cond`` rows doubled (all rows of ``cond`` are cond rows)."""
-    return twin_rows(cond, n_cond) if n_cond == _rows(cond) else None
+def twin_cond(cond, n_cond: int, copies: int = 1):
+    """The text cond with ``copies`` more of its ``n_cond`` rows (all rows of ``cond`` are cond rows)."""
+    return twin_rows(cond, n_cond, copies) if n_cond == _rows(cond) else None
 
 
 def _rows(t) -> int:

@@ -11,8 +11,8 @@ from lib_pag.perturbations import Perturbation
 
 def after_cfg(cfg, cond, pert, init, mask):
     den = SimpleNamespace(mask=mask, nmask=1 - mask, mask_before_denoising=False)
-    job = Job(params=PagParams(enabled=True, rescale=0.7), p_ref=lambda: None, perturbation=Perturbation())
-    call = Call(scale=3.0, n_cond=1, conds_list=[[(0, 1.0)]], denoiser=den)
+    job = Job(params=PagParams(enabled=True, rescale=0.7), p_ref=lambda: None, perturbations={1: Perturbation()})
+    call = Call(scales={1: 3.0}, n_cond=1, conds_list=[[(0, 1.0)]], denoiser=den)
     x_out = torch.cat([cond, pert])
     job.call = call
     JOBS.current = job

@@ -18,7 +18,7 @@ def test_positional_values_follow_field_order():
     assert (p.enabled, p.scale, p.layers, p.method, p.blur_sigma) == (True, 4.5, "m0", "blur", math.inf)
     assert field_names()[:4] == ["enabled", "scale", "layers", "method"]
     with pytest.raises(PagError, match="too many values"):
-        PagParams.from_values(*([True] * (len(field_names()) + 1)))
+        PagParams.from_values(*([True] * (len(field_names()) + 2 * 14 + 1)))
 
 
 def test_named_dict_and_aliases():
@@ -74,7 +74,7 @@ def test_rejections_name_field_value_and_allowed(data, field, problem):
 def test_allowed_values_are_listed():
     with pytest.raises(PagError) as info:
         PagParams.from_dict({"method": "dropout"})
-    assert str(info.value) == "PAG method: 'dropout' is not a choice; allowed: identity, blur, noise"
+    assert str(info.value) == "PAG method: 'dropout' is not a choice; allowed: identity, blur, noise, seg, tpg"
     with pytest.raises(PagError) as info:
         PagParams.from_dict({"scale": -1})
     assert str(info.value) == "PAG scale: -1.0 is out of range; allowed: a number from 0 to 100"

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 
 from lib_pag import LayerSelection, PagError, PagParams, field_names, label_of, resolve_layers, scale_for_step
 from lib_pag.maps import example_catalog, layer_map_svg, schedule_svg
-from lib_pag.params import ALIASES, EXEC_MODES, HIRES_MODES, METHODS, SCHEDULES
+from lib_pag.params import ALIASES, BRANCH_FIELDS, EXEC_MODES, HIRES_MODES, METHODS, SCHEDULES
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(SETTINGS, max_examples=100)
 
 LABELS = {label_of(n) for n in field_names()}
+BRANCH_LABELS = {f"PAG {i} {label_of(n)[4:]}" for i in (2, 3) for n in field_names() if n != "mode"}
 ERROR_FIELDS = LABELS | {"PAG args"}
 INF = math.inf
 
@@ -48,14 +49,14 @@ def assert_valid(p: PagParams):
         assert getattr(p, name) in choices
     assert p.start < p.end
     assert p.sigma_start == 0 or p.sigma_end < p.sigma_start
-    assert p.method != "blur" or p.blur_sigma > 0
+    assert p.method not in ("blur", "seg") or p.blur_sigma > 0
     assert isinstance(p.layers, str) and p.layers
     assert PagParams(layers=p.layers).layers == p.layers  # canonical text is a fixed point
 
 
 def assert_pag_error(err: PagError, fields=ERROR_FIELDS):
     assert err.field in fields
-    assert "allowed:" in str(err) or (err.field == "PAG layers" and "valid:" in str(err))
+    assert "allowed:" in str(err) or (err.field.endswith(" layers") and "valid:" in str(err))
     err.as_dict()  # JSON-able for the 422 body
 
 
@@ -181,7 +182,7 @@ def test_api_dicts_give_valid_params_or_a_pag_error(data):
 
 @st.composite
 def positional(draw):
-    names = field_names()
+    names = field_names() + list(BRANCH_FIELDS) * 2  # the main settings, then guidances 2 and 3
     n = draw(st.integers(0, len(names) + 2))
     return [draw(VALID[names[i]] if i < len(names) and draw(st.integers(0, 4)) else junk) for i in range(n)]
 
@@ -191,13 +192,14 @@ def positional(draw):
 @example([True, 3.0, "mid,up"] + [None] * 13)
 def test_positional_args_give_valid_params_or_a_pag_error(values):
     result = outcome(PagParams.from_values, *values)
+    most = len(field_names()) + 2 * 14  # the main settings, then 14 for each of guidances 2 and 3
     if isinstance(result, PagError):
-        assert_pag_error(result)
-        if len(values) > len(field_names()):
+        assert_pag_error(result, ERROR_FIELDS | BRANCH_LABELS | {"PAG 2 args", "PAG 3 args"})
+        if len(values) > most:
             assert result.field == "PAG args"
     else:
         assert_valid(result)
-        assert len(values) <= len(field_names())
+        assert len(values) <= most
 
 
 # --- (c) infotext ------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def effective(p: PagParams) -> PagParams:
     """What an infotext is meant to carry: settings that do not apply are left at their defaults."""
     d = PagParams()
     return PagParams(**{**p.to_dict(),
-                        "blur_sigma": p.blur_sigma if p.method == "blur" else d.blur_sigma,
+                        "blur_sigma": p.blur_sigma if p.method in ("blur", "seg") else d.blur_sigma,
                         "noise_scale": p.noise_scale if p.method == "noise" else d.noise_scale,
                         "hires_scale": p.hires_scale if p.hires == "own" else d.hires_scale})
 

@@ -8,6 +8,10 @@ own UNets do:
 - ``layer_forward`` mirrors one layer of ``TimestepEmbedSequential.forward`` / ``forward_timestep_embed``;
 - ``spatial_transformer_forward`` mirrors ``SpatialTransformer.forward`` (sets ``["block_index"]``), called
   with the module's forward (pre-)hooks, as the host's ``layer(x, context, transformer_options)`` does;
+- the host calls each transformer block as a module, ``block(x, context=context[i],
+  transformer_options=transformer_options)`` (Forge ``backend/nn/unet.py`` and reForge ``attention.py``
+  ``SpatialTransformer.forward``): ``rehome`` gives the ldm blocks a class whose ``forward`` takes
+  ``transformer_options`` (``host_block_class``), so hooks and instance forwards on a block run as on the host;
 - ``transformer_block_forward`` mirrors ``BasicTransformerBlock._forward``: ``extra_options`` =
   transformer_options minus patches plus ``n_heads``/``dim_head`` (reForge also ``attn_precision``),
   ``attn1_patch``, the attn1 replace lookup ``(block, id, block_index)`` then ``(block, id)`` with
@@ -46,9 +50,37 @@ def _kinds(layer):
     return {cls.__name__ for cls in type(layer).__mro__}
 
 
+_HOST_ATTENTION: list = []  # (attention, extra_keys) of the host whose spatial transformer is running
+
+
+def _host_block_forward(self, x, context=None, transformer_options=None, **kwargs):
+    """The host's ``BasicTransformerBlock.forward(x, context, transformer_options)``; without
+    ``transformer_options`` (the ldm UNet's own forward, as the tests' reference calls it) the ldm block's."""
+    if transformer_options is None:
+        return self._ldm_forward(x, context, **kwargs)
+    attention, extra_keys = _HOST_ATTENTION[-1]
+    return transformer_block_forward(self, x, context, transformer_options, attention, extra_keys)
+
+
+_BLOCK_CLASSES: dict = {}
+
+
+def host_block_class(base):
+    """A subclass of an ldm / sgm ``BasicTransformerBlock`` class whose forward is the host's (above)."""
+    if base not in _BLOCK_CLASSES:
+        _BLOCK_CLASSES[base] = type(f"Host{base.__name__}", (base,), {"forward": _host_block_forward,
+                                                                      "_ldm_forward": base.forward})
+    return _BLOCK_CLASSES[base]
+
+
 def rehome(host_unet, ldm_unet, sequential):
     """Give ``host_unet`` the ldm UNet's modules, its blocks as ``sequential`` (the host's block class with
-    the same children, so parameters are shared and attn1 paths stay ``input_blocks.4.1...``)."""
+    the same children, so parameters are shared and attn1 paths stay ``input_blocks.4.1...``), and the
+    transformer blocks the host's forward (``host_block_class``)."""
+    for module in ldm_unet.modules():
+        for i, tb in enumerate(getattr(module, "transformer_blocks", ())):
+            if type(tb) not in _BLOCK_CLASSES.values():
+                tb.__class__ = host_block_class(type(tb))
     host_unet.model_channels = ldm_unet.model_channels
     host_unet.num_classes = ldm_unet.num_classes
     host_unet.dtype = getattr(ldm_unet, "dtype", None)
@@ -86,9 +118,13 @@ def spatial_transformer_forward(st, x, context, to, attention, extra_keys):
     x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1).contiguous()
     if st.use_linear:
         x = st.proj_in(x)
-    for i, block in enumerate(st.transformer_blocks):
-        to["block_index"] = i
-        x = transformer_block_forward(block, x, context, to, attention, extra_keys)
+    _HOST_ATTENTION.append((attention, extra_keys))
+    try:
+        for i, block in enumerate(st.transformer_blocks):
+            to["block_index"] = i
+            x = block(x, context=context, transformer_options=to)  # a module call, as the host makes it
+    finally:
+        _HOST_ATTENTION.pop()
     if st.use_linear:
         x = st.proj_out(x)
     x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
