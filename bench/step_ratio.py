@@ -60,12 +60,21 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from lib_pag import AttentionPatch, RowMarks, build_catalog, resolve_layers  # noqa: E402
+from lib_pag import AttentionPatch, Perturbation, RowMarks, build_catalog, resolve_layers  # noqa: E402
+from lib_pag.patch import Branch  # noqa: E402
 from lib_pag.fork import DISABLE_ENV, first_perturbed_stage, forking, register_original_forward  # noqa: E402
 from lib_pag.forge_fork import fork_point  # noqa: E402
 from lib_pag.layout import RowLayout  # noqa: E402
 
-CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+fork")
+CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag-only", "pag-only+fork", "pag+seg+tpg", "pag+seg+tpg separate")
+# the three-guidance job: PAG on the given layers, SEG (σ = ∞, the official default) on mid, TPG on the paper's
+# SDXL down transformers (SD1.5 has no d2.2-9: its deepest down blocks d4, d5 instead)
+TPG_LAYERS = {"sdxl": "d2.2-9,d3", "sd15": "d4,d5"}
+
+
+def three_guidances(model: str) -> list:
+    return [{"method": "seg", "scale": 3.0, "layers": "mid", "blur_sigma": float("inf")},
+            {"method": "tpg", "scale": 3.0, "layers": TPG_LAYERS[model]}]
 PATHS = {
     "extension": "extension: one denoiser step (CFGDenoiser + scripts/pag.py + k-diffusion wrapper + UNet) of real "
                  "txt2img jobs on the A1111 1.10 double",
@@ -214,7 +223,7 @@ def twin_layout(batch, rest):
                      tuple(range(batch)) * 2 + tuple(range(2 * batch, 2 * batch + rest)))
 
 
-def step_fns(unet, selection, cond, uncond, batch):
+def step_fns(unet, selection, cond, uncond, batch, model="sdxl"):
     marks = RowMarks()
     cfg_in = rows(cond, uncond)
     twin_in = rows(cond, cond, uncond)
@@ -233,6 +242,31 @@ def step_fns(unet, selection, cond, uncond, batch):
                     raise SystemExit(f"the fork is off for layers {selection.names[:3]}…")
             return call(unet, inputs)
 
+    # three guidances: PAG (1), SEG (2), TPG (3): their twins in one call, each joining at its own point
+    catalog = selection.catalog
+    extra = three_guidances(model)
+    selections = {1: selection, 2: resolve_layers(extra[0]["layers"], catalog), 3: resolve_layers(extra[1]["layers"], catalog)}
+    branches = [Branch(1, selection, Perturbation()),
+                Branch(2, selections[2], Perturbation("seg", blur_sigma=extra[0]["blur_sigma"])),
+                Branch(3, selections[3], Perturbation("tpg"))]
+    three_in = rows(cond, cond, cond, cond, uncond)
+    three_layout = RowLayout((0,) * batch + tuple(label for label in (1, 2, 3) for _ in range(batch)) + (0,) * batch,
+                             tuple(range(batch)) * 4 + tuple(range(4 * batch, 5 * batch)),
+                             (None,) * batch + tuple((i, label) for label in (1, 2, 3) for i in range(batch)) + (None,) * batch)
+
+    def three(inputs, layout, fork=True):
+        with ExitStack() as stack:
+            stack.enter_context(AttentionPatch(unet, branches=branches, marks=marks))
+            stack.enter_context(marks.marking(layout, (0, 0)))
+            if fork:
+                stack.enter_context(forking(unet, selections, layout, marks=marks))
+            return call(unet, inputs)
+
+    def three_separate():
+        call(unet, cfg_in)
+        for label in (1, 2, 3):
+            three(cond, RowLayout((label,) * batch, None, tuple((i, label) for i in range(batch))), fork=False)
+
     return {
         "cfg": lambda: call(unet, cfg_in),
         "batched": lambda: patched(twin_in, twin_mask),
@@ -240,18 +274,27 @@ def step_fns(unet, selection, cond, uncond, batch):
         "separate": lambda: (call(unet, cfg_in), patched(cond, all_mask)),
         "pag-only": lambda: patched(pag_in, pag_mask),
         "pag-only+fork": lambda: patched(pag_in, pag_mask, fork=True),
+        "pag+seg+tpg": lambda: three(three_in, three_layout),
+        "pag+seg+tpg separate": three_separate,
     }
+
+
+def model_key(label: str) -> str:
+    """``sdxl`` or ``sd15`` from a table's model label."""
+    return "sdxl" if label.startswith("sdxl") else "sd15"
 
 
 # --- extension path: one denoiser step of a real txt2img job per configuration ------------------------
 
-EXTENSION_CONFIGS = {  # name: (PAG enabled, PAG mode, CFG scale 1, fork switched off)
-    "cfg": (False, "batched", False, False),
-    "batched": (True, "batched", False, True),
-    "batched+fork": (True, "batched", False, False),
-    "separate": (True, "separate", False, False),
-    "pag-only": (True, "batched", True, True),
-    "pag-only+fork": (True, "batched", True, False),
+EXTENSION_CONFIGS = {  # name: (PAG enabled, PAG mode, CFG scale 1, fork switched off, three guidances)
+    "cfg": (False, "batched", False, False, False),
+    "batched": (True, "batched", False, True, False),
+    "batched+fork": (True, "batched", False, False, False),
+    "separate": (True, "separate", False, False, False),
+    "pag-only": (True, "batched", True, True, False),
+    "pag-only+fork": (True, "batched", True, False, False),
+    "pag+seg+tpg": (True, "batched", False, False, True),
+    "pag+seg+tpg separate": (True, "separate", False, False, True),
 }
 
 
@@ -402,8 +445,11 @@ def bench_model_extension(name, model, sizes, args, device, sampler, harness):
             jobs = {}
             try:
                 for c in names:
-                    enabled, mode, cfg1, no_fork = EXTENSION_CONFIGS[c]
-                    p = harness.txt2img([{"enabled": enabled, "scale": 3.0, "layers": spec, "mode": mode}],
+                    enabled, mode, cfg1, no_fork, three = EXTENSION_CONFIGS[c]
+                    values = {"enabled": enabled, "scale": 3.0, "layers": spec, "mode": mode}
+                    if three:
+                        values["branches"] = three_guidances(model_key(name))
+                    p = harness.txt2img([values],
                                         width=8 * sizes.latent, height=8 * sizes.latent, steps=args.steps,
                                         batch_size=args.batch, cfg_scale=1.0 if cfg1 else 5.0, sampler_name="Euler")
                     jobs[c] = ParkedJob(c, p, processing, args.threads, no_fork).start()
@@ -539,7 +585,7 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
     for spec in args.layers:
         selection = resolve_layers(spec, catalog)
         point = first_perturbed_stage(selection)
-        fns = step_fns(unet, selection, cond, uncond, args.batch)
+        fns = step_fns(unet, selection, cond, uncond, args.batch, model_key(name))
         names = [c for c in CONFIGS if point is not None or "fork" not in c]
 
         def timed(fn):
@@ -569,7 +615,7 @@ def bench_model_unet(name, unet, sizes, args, device, dtype, sampler):
 
 # --- forge2 / reforge paths: denoiser steps through the Forge-family host doubles --------------------
 
-FORGE_CONFIGS = ("cfg", "batched", "batched+fork", "separate")
+FORGE_CONFIGS = ("cfg", "batched", "batched+fork", "separate", "pag+seg+tpg", "pag+seg+tpg separate")
 
 
 class SdxlConds(dict):
@@ -647,13 +693,17 @@ def bench_model_forge(name, unet, sizes, args, device, dtype, kind):
                 names = [c for c in FORGE_CONFIGS if point is not None or "fork" not in c]
                 dens = {}
                 for c in names:
-                    params = PagParams(enabled=c != "cfg", scale=3.0, layers=spec,
-                                       mode="separate" if c == "separate" else "batched")
+                    values = {"enabled": c != "cfg", "scale": 3.0, "layers": spec,
+                              "mode": "separate" if c.endswith("separate") else "batched"}
+                    if c.startswith("pag+seg+tpg"):
+                        values["branches"] = three_guidances(model_key(name))
+                    params = PagParams.from_dict(values)
                     if c == "batched":
                         os.environ[DISABLE_ENV] = "1"  # read when the job installs itself
                     else:
                         os.environ.pop(DISABLE_ENV, None)
                     p = Processing(SdModel(patcher), [params.to_dict()], denoiser, steps=args.steps)
+                    p.seeds = list(range(b))
                     den = p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
                     den.total_steps = args.steps
                     dens[c] = den
@@ -808,6 +858,9 @@ def ratio_line(rows):
     line = f"fork={times['batched+fork'] / cfg:.2f} batched={times['batched'] / cfg:.2f} separate={times['separate'] / cfg:.2f}"
     if "pag-only+fork" in times:
         line += f" pag-only={times['pag-only+fork'] / cfg:.2f}"
+    if "pag+seg+tpg" in times:
+        line += (f" pag+seg+tpg={times['pag+seg+tpg'] / cfg:.2f}"
+                 f" pag+seg+tpg-separate={times['pag+seg+tpg separate'] / cfg:.2f}")
     return line
 
 
