@@ -15,7 +15,8 @@ from typing import Callable
 
 from .errors import PagError, short_repr
 from .layers import build_catalog, resolve_layers
-from .params import PagParams, field_names, label_of, params_from_positional
+from .job import resolve_guidances
+from .params import BRANCH_FIELDS, MAX_BRANCHES, BranchParams, PagParams, field_names, label_of, params_from_positional
 
 log = logging.getLogger("sd_webui_pag")
 ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
@@ -89,7 +90,7 @@ def validate_request_args(args: list, unet=None) -> PagParams:
     else:
         params = params_from_positional(args)
     if params.enabled and unet is not None:
-        resolve_layers(params.layers, build_catalog(unet))
+        resolve_guidances(params, build_catalog(unet))
     return params
 
 
@@ -179,7 +180,7 @@ def _check(raw: bytes, title, host: HostLookups) -> PagError | None:
         if params.enabled and not switches_checkpoint(body, host.is_loaded_checkpoint):
             unet = _ask(host.current_unet)
             if unet is not None:
-                resolve_layers(params.layers, build_catalog(unet))
+                resolve_guidances(params, build_catalog(unet))
     except PagError as err:
         return err
     return None
@@ -195,23 +196,35 @@ def infotext_values(infotext, parse) -> dict:
         parsed = parse(infotext)
     except Exception:  # the host's own parser failing is the host's to report
         return {}
-    defaults = PagParams()
     values = {}
-    for name in field_names():
-        text = parsed.get(label_of(name)) if isinstance(parsed, dict) else None
+    for position, (label, default) in enumerate(positional_labels()):
+        text = parsed.get(label) if isinstance(parsed, dict) else None
         if text is None:
             continue
-        default = getattr(defaults, name)
         if isinstance(default, bool):
-            values[name] = bool(text)
+            values[position] = bool(text)
         elif isinstance(default, float):
             try:
-                values[name] = float(text)
+                values[position] = float(text)
             except (TypeError, ValueError):
-                raise PagError(label_of(name), text, "a number (in the request's infotext)", "is not a number") from None
+                raise PagError(label, text, "a number (in the request's infotext)", "is not a number") from None
         else:
-            values[name] = text
+            values[position] = text
+    for index in range(2, MAX_BRANCHES + 1):  # a guidance the infotext names is on (its checkbox has no key)
+        start = len(field_names()) + (index - 2) * len(BRANCH_FIELDS)
+        if any(start < position < start + len(BRANCH_FIELDS) for position in values):
+            values[start] = True
     return values
+
+
+def positional_labels() -> list:
+    """``(infotext label, default)`` of every positional arg: the main settings, then guidances 2 and 3."""
+    defaults = PagParams()
+    out = [(label_of(name), getattr(defaults, name)) for name in field_names()]
+    for index in range(2, MAX_BRANCHES + 1):
+        branch = BranchParams(index)
+        out += [(branch.label(name), getattr(branch, name)) for name in BRANCH_FIELDS]
+    return out
 
 
 def request_params(args: list, from_infotext: dict) -> PagParams:
@@ -222,7 +235,9 @@ def request_params(args: list, from_infotext: dict) -> PagParams:
         return validate_request_args(args)
     if not from_infotext:
         return validate_request_args(args)
-    values = [from_infotext.get(name, getattr(PagParams(), name)) for name in field_names()]
+    defaults = [default for _, default in positional_labels()]
+    last = max(max(from_infotext) + 1, len(field_names()), len(args))
+    values = [from_infotext.get(k, defaults[k]) for k in range(last)]
     values[:len(args)] = args
     return params_from_positional(values)
 
