@@ -27,7 +27,7 @@ import torch
 from .errors import PagError
 from .fork import forking
 from .calls import PassCounter
-from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
+from .guidance import multicond_pag_delta, multicond_reference, promote, rescale_guided, scale_for_step
 from .job import NEVER_CALLED, announce_refusal, check_neighbors, read_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
@@ -414,12 +414,12 @@ def guided_with_pag(job: Job, call: Call, denoised: torch.Tensor, *, blended: bo
     Rescale measures only the repainted area (``nmask``) of an inpainting job.
     """
     den = call.denoiser
-    guided = denoised.float() + call.delta.float()
+    guided = promote(denoised) + promote(call.delta)
     inpainting = getattr(den, "mask", None) is not None and not getattr(den, "mask_before_denoising", False)
     if call.reference is not None:
-        guided = rescale_guided(guided, call.reference.float(), job.params.rescale, den.nmask if inpainting else None)
+        guided = rescale_guided(guided, promote(call.reference), job.params.rescale, den.nmask if inpainting else None)
     if blended and inpainting:
-        guided = denoised.float() + (guided - denoised.float()) * den.nmask.float()
+        guided = promote(denoised) + (guided - promote(denoised)) * promote(den.nmask)
     return guided.to(denoised.dtype)
 
 

@@ -54,7 +54,7 @@ from . import forge_fork
 from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
 from .errors import PagError
 from .calls import PassCounter
-from .guidance import rescale_guided, scale_for_step
+from .guidance import promote, rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .patch import TokenGrids, fit_rows
@@ -646,7 +646,7 @@ def _make_attn1_patch(job: ForgeJob, previous, strength: float):
             return out
         base = through(q, k, v, extra)
         out = base.clone()
-        mixed = perturbed.float() if strength == 1.0 else (1.0 - strength) * base[rows].float() + strength * perturbed.float()
+        mixed = promote(perturbed) if strength == 1.0 else (1.0 - strength) * promote(base[rows]) + strength * promote(perturbed)
         out[rows] = mixed.to(base.dtype)
         return out
 
@@ -679,9 +679,9 @@ def _make_post_cfg(job: ForgeJob):
         # the host's CFG is cfg·Σ strength·(cond average − uncond) (its edit_strength): weigh PAG's term the
         # same way, so s·Σ w·(cond − perturbed) as on A1111 — one meaning of AND on every host
         weight = and_weight(args.get("cond"))
-        guided = denoised.float() + scale * weight * (cond_denoised.float() - perturbed.float())
+        guided = promote(denoised) + scale * weight * (promote(cond_denoised) - promote(perturbed))
         if job.params.rescale:
-            guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
+            guided = rescale_guided(guided, promote(cond_denoised), job.params.rescale)
         job.log.append((n, total, sigma, scale, how))
         return guided.to(denoised.dtype)
 

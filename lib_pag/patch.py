@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .guidance import promote
 from .layers import LayerSelection
 from .perturbations import Perturbation
 
@@ -231,7 +232,7 @@ class AttentionPatch:
             if strength < 1.0:
                 out = own_forward(x, *args, **kwargs)
                 perturbed = patch.perturbation(module, x[rows], grid=grid, additional_tokens=_rows_of(extra, rows, x))
-                mixed = (1.0 - strength) * out[rows].float() + strength * perturbed.float()
+                mixed = (1.0 - strength) * promote(out[rows]) + strength * promote(perturbed)
                 out = out.clone()
                 out[rows] = mixed.to(out.dtype)
                 return out

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .guidance import promote
+
 log = logging.getLogger("sd_webui_pag")
 
 
@@ -78,7 +80,7 @@ def gaussian_blur_matrix(size: int, sigma: float, *, device=None, dtype=torch.fl
     """Row-normalised Gaussian weights over positions ``0..size-1`` (no padding); ``inf`` → uniform (mean)."""
     if math.isinf(sigma):
         return torch.full((size, size), 1.0 / size, device=device, dtype=dtype)
-    pos = torch.arange(size, device=device, dtype=torch.float32)
+    pos = torch.arange(size, device=device, dtype=torch.promote_types(dtype, torch.float32))
     w = torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2.0 * sigma * sigma))
     return (w / w.sum(dim=1, keepdim=True)).to(dtype)
 
@@ -89,9 +91,9 @@ def blur_tokens(tokens: torch.Tensor, sigma: float, grid: tuple[int, int]) -> to
     h, w = grid
     if h * w != n:
         raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
-    t = tokens.float().reshape(b, h, w, c)
-    gh = gaussian_blur_matrix(h, sigma, device=tokens.device)
-    gw = gaussian_blur_matrix(w, sigma, device=tokens.device)
+    t = promote(tokens).reshape(b, h, w, c)
+    gh = gaussian_blur_matrix(h, sigma, device=tokens.device, dtype=t.dtype)
+    gw = gaussian_blur_matrix(w, sigma, device=tokens.device, dtype=t.dtype)
     t = torch.einsum("ij,bjwc->biwc", gh, t)
     t = torch.einsum("ij,bhjc->bhic", gw, t)
     return t.reshape(b, n, c).to(tokens.dtype)
@@ -123,8 +125,8 @@ def noisy_logit_attention(attn, x, noise_scale, generator, additional_tokens=Non
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
     heads = _heads(attn)
     q, k, v = _split(q, heads), _split(k, heads), _split(v, heads)
-    logits = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * (q.shape[-1] ** -0.5)
+    logits = torch.einsum("bhid,bhjd->bhij", promote(q), promote(k)) * (q.shape[-1] ** -0.5)
     noise = torch.randn(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
     weights = (logits + noise_scale * noise).softmax(dim=-1)
-    out = torch.einsum("bhij,bhjd->bhid", weights, v.float()).to(v.dtype)
+    out = torch.einsum("bhij,bhjd->bhid", weights, promote(v)).to(v.dtype)
     return attn.to_out(_merge(out)[:, extra:])
