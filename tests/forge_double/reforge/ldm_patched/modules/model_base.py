@@ -3,7 +3,7 @@
 import torch
 
 from ldm_patched.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from tests.forge_double.unet_walk import CALLS, c_in, denoised_from_eps, sigma_to_t
+from tests.forge_double.unet_walk import CALLS, c_in, denoised_from_eps, float_output, sigma_to_t
 
 
 class BaseModel(torch.nn.Module):
@@ -18,8 +18,8 @@ class BaseModel(torch.nn.Module):
         if c_concat is not None:
             xc = torch.cat([xc, c_concat], dim=1)
         CALLS.append(xc.shape[0])
-        eps = self.diffusion_model(xc, sigma_to_t(sigma), context=c_crossattn, control=control,
-                                   transformer_options=transformer_options, **kwargs).float()
+        eps = float_output(self.diffusion_model(xc, sigma_to_t(sigma), context=c_crossattn, control=control,
+                                                transformer_options=transformer_options, **kwargs))
         return denoised_from_eps(x, sigma, eps)
 
     def memory_required(self, input_shape, cond_shapes=None):
