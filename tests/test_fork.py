@@ -8,9 +8,10 @@ import torch
 
 from lib_pag import AttentionPatch, Perturbation, RowMarks, build_catalog, resolve_layers
 from lib_pag.fork import ForkPoint, first_perturbed_stage, forked_forward, forking, original_forward, register_original_forward
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import sd15_unet, sdxl_unet, unet_inputs
 
-TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("float64")  # forked vs batched compared in float64 (tests/exactness.py)
 MASK = torch.tensor([False, False, True, True, False, False])  # 2 cond, 2 twins, 2 uncond
 SOURCE = torch.tensor([0, 1])
 
@@ -24,12 +25,12 @@ def sgm_double_is_known():
 
 @pytest.fixture(scope="module")
 def sd15():
-    return sd15_unet(seed=3)
+    return to_float64(sd15_unet(seed=3))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return sdxl_unet("base", seed=4)
+    return to_float64(sdxl_unet("base", seed=4))
 
 
 def twin_batch(unet, seed=0):
@@ -43,8 +44,7 @@ def twin_batch(unet, seed=0):
     return lay(x), lay(t), {k: lay(v) for k, v in kw.items()}
 
 
-def rel(a, b):
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+rel = rel_err
 
 
 def batched(unet, selection, inputs, perturbation=None):
@@ -97,9 +97,10 @@ def test_fork_equals_batched(model, spec, request):
     assert direct is not None and derived is not None
     for out in (direct, derived, wrapped):
         assert out.shape == expected.shape
-        assert rel(out, expected) <= TOL
-    # the twins really are perturbed, and differently from their cond rows
+        assert_exact(out, expected, what="forked vs batched")
+    # the twins really are perturbed, and differently from their cond rows: forking a wrong row would show
     assert rel(expected[2:4], expected[0:2]) > 1e-3
+    assert_visible(rel(expected[2:4], expected[0:2]), what="PAG's perturbation")
     assert "forward" not in unet.__dict__
 
 
@@ -115,7 +116,7 @@ def test_fork_with_blur_uses_the_true_grid(sd15):
     selection = resolve_layers("mid,u0", build_catalog(sd15))
     inputs = twin_batch(sd15)
     blur = Perturbation("blur", blur_sigma=2.0)
-    assert rel(forked_call(sd15, selection, inputs, blur), batched(sd15, selection, inputs, blur)) <= TOL
+    assert_exact(forked_call(sd15, selection, inputs, blur), batched(sd15, selection, inputs, blur))
 
 
 def test_fork_points():
@@ -216,7 +217,7 @@ def test_restored_bound_forward_is_not_a_replacement(sd15):
     try:
         bound = sd15.__dict__["forward"]
         assert original_forward(sd15) is not None
-        assert rel(forked_call(sd15, selection, inputs), expected) <= TOL
+        assert_exact(forked_call(sd15, selection, inputs), expected)
         assert sd15.__dict__["forward"] is bound
     finally:
         del sd15.forward
@@ -270,7 +271,7 @@ def test_a1111_sd_unet_dispatcher_is_seen_through(monkeypatch, sd15):
     assert plain is not None and plain.flavor == "ldm"
     selection = resolve_layers("mid", build_catalog(sd15))
     inputs = twin_batch(sd15)
-    assert rel(forked_call(sd15, selection, inputs), batched(sd15, selection, inputs)) <= TOL
+    assert_exact(forked_call(sd15, selection, inputs), batched(sd15, selection, inputs))
     fake.current_unet = object()  # e.g. TensorRT's UNet is active: not ours to walk
     assert original_forward(sd15) is None
 
@@ -306,7 +307,7 @@ def test_fallback_inside_forking_runs_the_normal_forward(sd15):
             with CountRows(sd15) as counter:
                 out = sd15(x, t, **kw)
     assert all(r == [6] for r in counter.rows.values())
-    assert rel(out, expected) <= 1e-6
+    assert_exact(out, expected)
 
 
 def test_an_exception_inside_the_block_removes_the_fork(sd15):
