@@ -36,6 +36,7 @@ MARGIN = 1e4
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """``max |got − want| / max |want|`` (normwise relative difference; 0.0 for equal tensors)."""
+    got, want = got.detach(), want.detach()
     diff = float((got - want).abs().max())
     if diff == 0.0:
         return 0.0
