@@ -59,10 +59,11 @@ def test_tiny_blur_is_plain_attention_and_blur_smooths(attn):
     t = torch.randn(1, 16, 3)
     blurred = blur_tokens(t, 1.0, (4, 4))
     assert blurred.var(dim=1).mean() < t.var(dim=1).mean()
+    # not a path comparison: without padding the blur keeps the mean only roughly (edge rows weigh less)
     torch.testing.assert_close(blurred.mean(dim=1), t.mean(dim=1), rtol=0, atol=0.2)
     g = gaussian_blur_matrix(5, 1.0, dtype=torch.float64)
     assert_exact(g.sum(1), torch.ones(5))
-    assert torch.allclose(g, g.flip(0).flip(1))
+    assert_exact(g, g.flip(0).flip(1))
 
 
 def test_blur_respects_non_square_grids(attn):

@@ -244,9 +244,9 @@ def test_prompt_schedules_follow_the_step():
     cond = prompt_parser.make_multicond([[([(2, early), (10, late)], 1.0)]])
     for step, want in ((0, early), (2, early), (3, late), (10, late), (11, early)):
         _, tensor = prompt_parser.reconstruct_multicond_batch(cond, step)
-        torch.testing.assert_close(tensor[0], want)
+        assert torch.equal(tensor[0], want)
     uncond = prompt_parser.make_uncond([[(1, early), (10, late)]])
-    torch.testing.assert_close(prompt_parser.reconstruct_cond_batch(uncond, 5)[0], late)
+    assert torch.equal(prompt_parser.reconstruct_cond_batch(uncond, 5)[0], late)
     indexes, flat, _ = prompt_parser.get_multicond_prompt_list(["cat AND dog:0.5", "dog"])
     # like the host: the text before ":w" keeps its leading space, so " dog" and "dog" are two sub-prompts
     assert indexes == [[(0, 1.0), (1, 0.5)], [(2, 1.0)]] and list(flat) == ["cat", " dog", "dog"]
@@ -267,7 +267,7 @@ def test_ngms_skip_uncond_on_odd_step(sd15):
     (cond_x0,) = direct_rows(sd15, sigma, [(x[0], c, None)], [1])
     same(out[0], cond_x0)  # scale 1 against a fake uncond
     assert seen["rows"] == 2  # fake uncond appended: the cond row again
-    torch.testing.assert_close(seen["x"][1], seen["x"][0])
+    assert torch.equal(seen["x"][1], seen["x"][0])
     assert d.p.extra_generation_params["NGMS"] == sigma + 1.0
     d(x, torch.full((1,), sigma), **args)  # even step: full CFG
     assert counter.calls == [1, 2]
@@ -315,7 +315,7 @@ def test_inpaint_model_with_mask_blends_after(sd15_inpaint):
     for i, (rc, ru) in enumerate(((rc0, ru0), (rc1, ru1))):
         expected = guided(ru, [(rc, 1.0)], CFG) * (1 - mask) + init_latent[i] * mask
         same(out[i], expected)
-    torch.testing.assert_close(seen["x"], out)  # cfg_after_cfg sees the blended result
+    assert torch.equal(seen["x"], out)  # cfg_after_cfg sees the blended result
 
 
 def test_edit_model_three_blocks(sd15):
@@ -478,7 +478,7 @@ def test_callback_exceptions_are_reported_and_swallowed(sd15, capsys):
     script_callbacks.on_cfg_after_cfg(boom)
     before = len(errors.exception_records)
     out = d(x, torch.full((1,), 2.0), **args)
-    torch.testing.assert_close(out, reference)
+    assert torch.equal(out, reference)
     err = capsys.readouterr().err
     assert "*** Error executing callback cfg_denoiser_callback for" in err
     assert "*** Error executing callback cfg_after_cfg_callback for" in err
@@ -536,7 +536,7 @@ def test_full_sampling_run_is_finite_and_deterministic(sd15, name):
     b, _, _ = _run_sampler(name, sd15)
     assert a.shape == (2, 4, HW, HW)
     assert torch.isfinite(a).all()
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(a, b)
     assert sampler.model_wrap_cfg.step == 3 == sampler.model_wrap_cfg.total_steps
     assert [s[2] for s in steps_seen] == [0, 1, 2]
     assert all(s[1] == 3 for s in steps_seen)
