@@ -4,6 +4,8 @@ Every exactness test recomputes the expected denoised output independently: plai
 predictions come from the *native* ldm forward of the UNet and of ``tests.unets.reference_unet``
 (attn1 → ``(1−a)·attn + a·to_out(to_v(x))``), combined with the host's AND rule
 (``Σ w·pred / Σ w``, CFG × Σ w when ≠ 1) and the PAG formula ``denoised + s·(cond − perturbed)``.
+The UNet is float64 and the ``host`` fixture runs each test in float64 mode: outputs are compared to
+float64 rounding (``tests/exactness.py``).
 """
 
 import math
@@ -17,11 +19,10 @@ from lib_pag import forge
 from lib_pag.params import PagParams
 from tests.forge_double import unet_walk
 from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel, deep_equal, snapshot_options
-from tests.exactness import BOUND, assert_exact, assert_visible, rel_err, to_float64
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from tests.unets import reference_unet, sd15_unet
 
 DOUBLES = Path(__file__).resolve().parent / "forge_double"
-TOL = BOUND  # every path comparison runs in float64 (tests/exactness.py: the error model)
 # 8×8 latents: the middle block sees 1 token (self-attention = identity there), so tests that need a
 # visible PAG term perturb down/up layers too
 TOKENS, CTX = 7, 32
