@@ -59,11 +59,10 @@ from .job import (
 )
 from .errors import PagError
 from .calls import PassCounter
-from .guidance import rescale_guided, scale_for_step
+from .guidance import promote, rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .fork import ForkChecks
-from .guidance import promote
 from .job import image_keys
 from .layout import RowLayout, Rows, assemble, module_plan
 from .patch import AttentionPatch, Branch, TokenGrids, draw_keys as _draw_keys, layer_key

@@ -1,4 +1,4 @@
-"""PAG guidance as pure tensor functions (fp32 inside, cast back) and the per-step scale schedule.
+"""PAG guidance as pure tensor functions (at least fp32 inside, cast back) and the per-step scale schedule.
 
 All functions are linear in the model outputs, so they hold for eps, x0 or v predictions alike.
 """
@@ -18,24 +18,20 @@ def promote(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype != torch.float32 else t
-
-
 def pag_delta(cond: torch.Tensor, perturbed: torch.Tensor, scale: float) -> torch.Tensor:
     """``s·(eps_c − eps_p)``."""
-    return (scale * (_f32(cond) - _f32(perturbed))).to(cond.dtype)
+    return (scale * (promote(cond) - promote(perturbed))).to(cond.dtype)
 
 
 def pag_only(cond: torch.Tensor, perturbed: torch.Tensor, scale: float) -> torch.Tensor:
     """The paper's guidance without CFG: ``eps_c + s·(eps_c − eps_p)``."""
-    c = _f32(cond)
-    return (c + scale * (c - _f32(perturbed))).to(cond.dtype)
+    c = promote(cond)
+    return (c + scale * (c - promote(perturbed))).to(cond.dtype)
 
 
 def cfg_pag(uncond: torch.Tensor, cond: torch.Tensor, perturbed: torch.Tensor, cfg_scale: float, scale: float) -> torch.Tensor:
     """``eps_u + w·(eps_c − eps_u) + s·(eps_c − eps_p)``."""
-    u, c, p = _f32(uncond), _f32(cond), _f32(perturbed)
+    u, c, p = promote(uncond), promote(cond), promote(perturbed)
     return (u + cfg_scale * (c - u) + scale * (c - p)).to(cond.dtype)
 
 
@@ -44,8 +40,8 @@ def multicond_pag_delta(cond_rows: torch.Tensor, perturbed_rows: torch.Tensor, c
 
     ``perturbed_rows[k]`` is the perturbed twin of ``cond_rows[k]``.
     """
-    diff = _f32(cond_rows) - _f32(perturbed_rows)
-    out = torch.zeros((len(conds_list),) + tuple(cond_rows.shape[1:]), dtype=torch.float32, device=cond_rows.device)
+    diff = promote(cond_rows) - promote(perturbed_rows)
+    out = torch.zeros((len(conds_list),) + tuple(cond_rows.shape[1:]), dtype=diff.dtype, device=cond_rows.device)
     for i, conds in enumerate(conds_list):
         for row, weight in conds:
             out[i] += (scale * weight) * diff[row]
@@ -58,9 +54,9 @@ def multicond_reference(cond_rows: torch.Tensor, conds_list: Conds) -> torch.Ten
     for conds in conds_list:
         total = sum(w for _, w in conds)
         if len(conds) == 1 or total == 0:
-            rows.append(_f32(cond_rows[conds[0][0]]))
+            rows.append(promote(cond_rows[conds[0][0]]))
         else:
-            rows.append(sum(w * _f32(cond_rows[r]) for r, w in conds) / total)
+            rows.append(sum(w * promote(cond_rows[r]) for r, w in conds) / total)
     return torch.stack(rows).to(cond_rows.dtype)
 
 
@@ -73,7 +69,7 @@ def rescale_guided(guided: torch.Tensor, reference: torch.Tensor, phi: float,
     """
     if phi == 0:
         return guided
-    g, r = _f32(guided), _f32(reference)
+    g, r = promote(guided), promote(reference)
     ratio = _std(r, weight) / _std(g, weight).clamp_min(1e-12)
     return (phi * (g * ratio) + (1 - phi) * g).to(guided.dtype)
 
@@ -82,7 +78,7 @@ def _std(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     dims = tuple(range(1, t.ndim))
     if weight is None:
         return t.std(dim=dims, keepdim=True)
-    w = torch.broadcast_to(_f32(weight), t.shape)
+    w = torch.broadcast_to(promote(weight), t.shape)
     total = w.sum(dim=dims, keepdim=True).clamp_min(1e-12)
     mean = (w * t).sum(dim=dims, keepdim=True) / total
     return ((w * (t - mean) ** 2).sum(dim=dims, keepdim=True) / total).sqrt()

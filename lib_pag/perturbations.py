@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .guidance import promote
+
 log = logging.getLogger("sd_webui_pag")
 
 
@@ -141,9 +143,10 @@ def tpg_permutations(rows: int, n: int, keys, device, perturbation: "Perturbatio
     of a block from the global RNG for all perturbed rows; one per row, from its own key, is what makes an
     image reproducible from its seed whatever else shares its batch."""
     if keys is None or any(k is None for k in keys):
-        draws = torch.rand((rows, n), generator=perturbation._stream(device), device=device)
+        draws = torch.rand((rows, n), generator=perturbation._stream(device), device=device, dtype=torch.float32)
     else:
-        draws = torch.stack([torch.rand((n,), generator=perturbation._keyed(device, k), device=device) for k in keys])
+        draws = torch.stack([torch.rand((n,), generator=perturbation._keyed(device, k), device=device, dtype=torch.float32)
+                             for k in keys])
     return draws.argsort(dim=1)
 
 
@@ -170,7 +173,7 @@ def gaussian_blur_matrix(size: int, sigma: float, *, device=None, dtype=torch.fl
     """Row-normalised Gaussian weights over positions ``0..size-1`` (no padding); ``inf`` → uniform (mean)."""
     if math.isinf(sigma):
         return torch.full((size, size), 1.0 / size, device=device, dtype=dtype)
-    pos = torch.arange(size, device=device, dtype=torch.float32)
+    pos = torch.arange(size, device=device, dtype=torch.promote_types(dtype, torch.float32))
     w = torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2.0 * sigma * sigma))
     return (w / w.sum(dim=1, keepdim=True)).to(dtype)
 
@@ -181,9 +184,9 @@ def blur_tokens(tokens: torch.Tensor, sigma: float, grid: tuple[int, int]) -> to
     h, w = grid
     if h * w != n:
         raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
-    t = tokens.float().reshape(b, h, w, c)
-    gh = gaussian_blur_matrix(h, sigma, device=tokens.device)
-    gw = gaussian_blur_matrix(w, sigma, device=tokens.device)
+    t = promote(tokens).reshape(b, h, w, c)
+    gh = gaussian_blur_matrix(h, sigma, device=tokens.device, dtype=t.dtype)
+    gw = gaussian_blur_matrix(w, sigma, device=tokens.device, dtype=t.dtype)
     t = torch.einsum("ij,bjwc->biwc", gh, t)
     t = torch.einsum("ij,bhjc->bhic", gw, t)
     return t.reshape(b, n, c).to(tokens.dtype)
@@ -250,7 +253,7 @@ def seg_blur(q: torch.Tensor, sigma: float, grid: tuple[int, int]) -> torch.Tens
     h, w = grid
     if h * w != n:
         raise ValueError(f"{n} tokens do not form a {h}x{w} grid")
-    t = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    t = promote(q)
     if sigma > SEG_INFINITE:
         return t.mean(dim=1, keepdim=True).expand(b, n, c).to(q.dtype)
     t = t.reshape(b, h, w, c)
@@ -283,11 +286,11 @@ def noisy_logit_attention(attn, x, noise_scale, noise, additional_tokens=None):
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
     heads = _heads(attn)
     q, k, v = _split(q, heads), _split(k, heads), _split(v, heads)
-    logits = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * (q.shape[-1] ** -0.5)
+    logits = torch.einsum("bhid,bhjd->bhij", promote(q), promote(k)) * (q.shape[-1] ** -0.5)
     if isinstance(noise, torch.Generator):
         drawn = torch.randn(logits.shape, generator=noise, dtype=torch.float32).to(logits.device)
     else:
         drawn = noise(tuple(logits.shape))
     weights = (logits + noise_scale * drawn.to(logits.dtype)).softmax(dim=-1)
-    out = torch.einsum("bhij,bhjd->bhid", weights, v.float()).to(v.dtype)
+    out = torch.einsum("bhij,bhjd->bhid", weights, promote(v)).to(v.dtype)
     return attn.to_out(_merge(out)[:, extra:])

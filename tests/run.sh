@@ -79,7 +79,7 @@ export MPLBACKEND=Agg
 export PYTHONDONTWRITEBYTECODE=1
 
 "$VENV/bin/python" - <<'PY'
-import sys, warnings
+import os, sys, warnings
 warnings.simplefilter("ignore")
 import numpy, torch, torchvision, gradio, fastapi, pytest
 from importlib.metadata import version
@@ -88,7 +88,10 @@ print("python", sys.version.split()[0], "| torch", torch.__version__,
       "| gradio", gradio.__version__, "| fastapi", fastapi.__version__,
       "| k-diffusion", version("k-diffusion"),
       "| stable-diffusion-sdkit", version("stable-diffusion-sdkit"),
-      "| pytest", pytest.__version__)
+      "| pytest", pytest.__version__,
+      # the vector kernels that ran (ATEN_CPU_CAPABILITY=avx2 or =default emulates other CPUs)
+      "| cpu capability", torch.backends.cpu.get_cpu_capability()
+      + (f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})" if os.environ.get("ATEN_CPU_CAPABILITY") else ""))
 PY
 
 set +e

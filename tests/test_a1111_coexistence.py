@@ -13,8 +13,9 @@ import torch
 from a1111_harness import Recorder, expected_output, img2img, load_webui, reference_model, relative_error, txt2img, unload_webui
 from lib_pag import fork
 from modules import processing, scripts, sd_models_double, shared
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 
-TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("float64")  # every path comparison in float64 (tests/exactness.py)
 
 
 def latents(processed):
@@ -32,7 +33,7 @@ def enable_builtin(p, title, *values):
 
 @pytest.fixture()
 def inpaint_webui(monkeypatch):
-    model = sd_models_double.make_sd15_inpaint_model(seed=8)
+    model = to_float64(sd_models_double.make_sd15_inpaint_model(seed=8))
     load_webui(model, builtin=("soft_inpainting",))
     yield model
     unload_webui()
@@ -70,13 +71,14 @@ def test_soft_inpainting_blends_the_pag_term_like_cfg(inpaint_webui, monkeypatch
         if rescale:
             continue  # rescale is checked against the hard-mask formula below
         expected = expected_output(call, model, ref, 3.0, blend=host_blend)
-        assert relative_error(call, expected) <= TOL
+        assert_exact(call.out, expected, what=f"step {call.step}")
         # the old order (PAG term after the blend, times nmask) is far from it in the soft band
         no_pag = expected_output(call, model, ref, 0.0, blend=host_blend)
         with_pag_pre_blend = expected_output(call, model, ref, 3.0, blend=lambda r, c: r)
         no_pag_pre_blend = expected_output(call, model, ref, 0.0, blend=lambda r, c: r)
         after = no_pag + (with_pag_pre_blend - no_pag_pre_blend) * call.nmask
-        assert relative_error(call, after) > 10 * TOL
+        assert relative_error(call, after) > 1e-4
+        assert_visible(relative_error(call, after), what="the old order's difference")
     if rescale:
         plain = img2img([{"enabled": True, "scale": 3.0, "layers": "mid,up"}], init, mask, steps=4,
                         sampler_name=sampler, denoising_strength=1.0)
@@ -93,13 +95,14 @@ def test_hard_mask_blend_unchanged(inpaint_webui, monkeypatch):
     processing.process_images(img2img([{"enabled": True, "scale": 3.0, "layers": "mid"}], init, mask, steps=3))
     ref = reference_model(model, "mid")
     for call in rec.calls:
-        assert relative_error(call, expected_output(call, model, ref, 3.0)) <= TOL
+        assert_exact(call.out, expected_output(call, model, ref, 3.0), what=f"step {call.step}")
+    assert_visible(max(relative_error(call, expected_output(call, model, ref, 0.0)) for call in rec.calls), what="PAG term")
 
 
 @pytest.fixture()
 def sd15_webui(monkeypatch):
     monkeypatch.setitem(shared.opts.data, "batch_cond_uncond", True)
-    model = sd_models_double.make_sd15_model(seed=9)
+    model = to_float64(sd_models_double.make_sd15_model(seed=9))
     load_webui(model)
     yield model
     unload_webui()
@@ -132,10 +135,10 @@ def test_middle_block_hook_runs_and_fork_stays_exact(sd15_webui, monkeypatch):
         handle.remove()
     assert len(forked_calls) == len(plain_calls) == len(unforked_calls) == 2  # once per step, as without PAG
     assert forked_calls == unforked_calls == [3, 3]  # cond, its twin, uncond: the hook saw every row
-    scale = max(1.0, float(unforked.abs().max()))
-    assert float((forked - unforked).abs().max()) / scale <= TOL
-    assert float((forked - separate).abs().max()) / scale <= TOL
-    assert float((forked - plain).abs().max()) / scale > 1e-3
+    assert_exact(forked, unforked, what="forked vs unforked")
+    assert_exact(forked, separate, what="forked vs separate")
+    assert rel_err(plain, forked) > 1e-3
+    assert_visible(rel_err(plain, forked), what="PAG's effect")
 
 
 # --- Dynamic Thresholding (mcmonkey4eva/sd-dynamic-thresholding): a CFG denoiser subclass -------------
@@ -189,9 +192,9 @@ def test_dynamic_thresholding_sees_the_batch_it_would_see_without_pag(dynthresh,
     batched = job([pag])
     separate = job([{**pag, "mode": "separate"}])
     plain = job([False])
-    scale = max(1.0, float(separate.abs().max()))
-    assert float((batched - separate).abs().max()) / scale <= TOL
-    assert float((batched - plain).abs().max()) / scale > 1e-3
+    assert_exact(batched, separate, what="batched vs separate")
+    assert rel_err(plain, batched) > 1e-3
+    assert_visible(rel_err(plain, batched), what="PAG's effect")
 
 
 # --- UNet engines that run no PyTorch attention (TensorRT's sd_unet) ---------------------------------
@@ -314,9 +317,9 @@ def test_multidiffusion_tiles_keep_the_twins_in_place(tiled_diffusion, batch_siz
     separate, _ = job([{**pag, "mode": "separate"}])
     plain, plain_rows = job([False])
     assert rows[0] == 2 * 3 * batch_size and plain_rows[0] == 2 * 2 * batch_size  # two tiles per call
-    scale = max(1.0, float(separate.abs().max()))
-    assert float((batched - separate).abs().max()) / scale <= TOL
-    assert float((batched - plain).abs().max()) / scale > 1e-3
+    assert_exact(batched, separate, what="batched vs separate")
+    assert rel_err(plain, batched) > 1e-3
+    assert_visible(rel_err(plain, batched), what="PAG's effect")
 
 
 # --- Kohya HRFix / Deep Shrink (wcde/sd-webui-kohya-hiresfix): blocks wrapped mid-job -----------------
@@ -374,9 +377,9 @@ def test_blocks_wrapped_mid_job_keep_their_attention_patched(deep_shrink, method
     separate, _ = job([{**pag, "mode": "separate"}])
     plain, _ = job([False])
     assert calls.count(0.5) >= 2 and calls.count(2.0) >= 2  # the wrappers really ran (the first steps)
-    scale = max(1.0, float(separate.abs().max()))
-    assert float((batched - separate).abs().max()) / scale <= TOL
-    assert float((batched - plain).abs().max()) / scale > 1e-3
+    assert_exact(batched, separate, what="batched vs separate")
+    assert rel_err(plain, batched) > 1e-3
+    assert_visible(rel_err(plain, batched), what="PAG's effect")
 
 
 # --- Regional Prompter (hako-mikan/sd-webui-regional-prompter): told apart by its infotext ------------

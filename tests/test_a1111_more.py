@@ -10,8 +10,7 @@ from lib_pag import a1111
 from modules import processing, scripts, sd_samplers_cfg_denoiser, shared
 from modules import sd_models_double
 from modules.script_callbacks import CFGDenoiserParams
-
-TOL = 1e-5
+from tests.exactness import assert_exact, assert_visible, to_float64
 
 
 def latents(processed):
@@ -42,10 +41,12 @@ def test_a1111_17_callback_params_without_denoiser(sd15, monkeypatch):
     assert not torch.equal(latents(without), latents(plain))
 
 
-def test_refiner_switch_mid_sampling_follows_the_new_model(sd15, monkeypatch):
-    refiner = sd_models_double.make_sd15_model(seed=13, title="tiny-refiner")
+def test_refiner_switch_mid_sampling_follows_the_new_model(monkeypatch, float64):
+    sd15 = to_float64(sd_models_double.make_sd15_model(seed=12))
+    refiner = to_float64(sd_models_double.make_sd15_model(seed=13, title="tiny-refiner"))
     info = sd_models_double.CheckpointInfo("tiny-refiner", refiner)
     rec = Recorder(monkeypatch)
+    load_webui(sd15)
     try:
         p = txt2img([{"enabled": True, "layers": "mid,up"}], steps=4)
         p.refiner_checkpoint_info, p.refiner_switch_at = info, 0.5
@@ -53,11 +54,15 @@ def test_refiner_switch_mid_sampling_follows_the_new_model(sd15, monkeypatch):
         assert shared.sd_model is refiner
     finally:
         shared.sd_model = sd15
+        unload_webui()
     models = [sd15, sd15, refiner, refiner]
     assert len(rec.calls) == 4
+    strongest = 0.0
     for call, model in zip(rec.calls, models):
-        expected = expected_output(call, model, reference_model(model, "mid,up"), 3.0)
-        assert relative_error(call, expected) <= TOL
+        ref = reference_model(model, "mid,up")
+        assert_exact(call.out, expected_output(call, model, ref, 3.0), what=f"step {call.step}")
+        strongest = max(strongest, relative_error(call, expected_output(call, model, ref, 0.0)))
+    assert_visible(strongest, what="PAG term")
     assert not any("forward" in m.__dict__ for m in refiner.modules())
     assert not any("forward" in m.__dict__ for m in sd15.modules())
 
@@ -137,12 +142,12 @@ def test_nested_job_uses_its_own_settings_and_outer_batches_keep_theirs(monkeypa
     assert len(a1111.JOBS) == 0
 
 
-def test_hires_pass_on_another_checkpoint(monkeypatch):
+def test_hires_pass_on_another_checkpoint(monkeypatch, float64):
     """A1111 reloads the hires checkpoint before it creates the hires sampler; PAG follows the new model."""
     from modules import sd_samplers
 
-    first = sd_models_double.make_sd15_model(seed=16)
-    second = sd_models_double.make_sd15_model(seed=17, title="tiny-hires")
+    first = to_float64(sd_models_double.make_sd15_model(seed=16))
+    second = to_float64(sd_models_double.make_sd15_model(seed=17, title="tiny-hires"))
     created = []
     real_create = sd_samplers.create_sampler
 
@@ -163,9 +168,12 @@ def test_hires_pass_on_another_checkpoint(monkeypatch):
         shared.sd_model = first
         unload_webui()
     assert len(rec.calls) == 4
+    strongest = 0.0
     for call, model, scale in zip(rec.calls, [first, first, second, second], [3.0, 3.0, 1.5, 1.5]):
-        expected = expected_output(call, model, reference_model(model, "mid,up"), scale)
-        assert relative_error(call, expected) <= TOL
+        ref = reference_model(model, "mid,up")
+        assert_exact(call.out, expected_output(call, model, ref, scale), what=f"step {call.step}")
+        strongest = max(strongest, relative_error(call, expected_output(call, model, ref, 0.0)))
+    assert_visible(strongest, what="PAG term")
     for model in (first, second):
         assert not any("forward" in m.__dict__ for m in model.modules())
 

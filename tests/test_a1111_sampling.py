@@ -13,13 +13,14 @@ from a1111_harness import (
 )
 from modules import processing, shared
 from modules import sd_models_double
+from tests.exactness import assert_exact, assert_visible, to_float64
 
-TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("float64")  # outputs vs the recomputed formula in float64 (tests/exactness.py)
 
 
 @pytest.fixture(scope="module")
 def sd15():
-    return sd_models_double.make_sd15_model(seed=3)
+    return to_float64(sd_models_double.make_sd15_model(seed=3))
 
 
 @pytest.fixture()
@@ -40,13 +41,13 @@ def check_calls(recorder, model, layers, scale_at, *, skipped=lambda call: False
     strongest = 0.0
     for call in recorder.calls:
         expected = expected_output(call, model, ref, scale_at(call), skipped=skipped(call))
-        err = relative_error(call, expected)
-        assert err <= TOL, f"step {call.step}: {err}"
+        assert_exact(call.out, expected, what=f"step {call.step}")
         if scale_at(call):
             without_pag = expected_output(call, model, ref, 0.0, skipped=skipped(call))
             strongest = max(strongest, relative_error(call, without_pag))
-    # at high sigma the PAG term is a large part of the output: a missing or wrong term cannot hide in 1e-5
+    # at high sigma the PAG term is a large part of the output: a missing or wrong term cannot hide in the bound
     assert strongest > 1e-2, f"PAG term too small to tell apart ({strongest})"
+    assert_visible(strongest, what="PAG term")
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M"])
@@ -126,7 +127,7 @@ def test_ddim_eps_space(webui, monkeypatch):
 
 
 def test_inpaint_model_with_mask(monkeypatch):
-    model = sd_models_double.make_sd15_inpaint_model(seed=4)
+    model = to_float64(sd_models_double.make_sd15_inpaint_model(seed=4))
     load_webui(model)
     try:
         rec = Recorder(monkeypatch)
@@ -146,7 +147,7 @@ def test_sdxl_dict_conds(monkeypatch, cfg_scale):
     from unets import sdxl_unet
 
     unet = sdxl_unet("base", seed=6)
-    model = sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=unet.label_emb[0][0].in_features, seed=6)
+    model = to_float64(sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=unet.label_emb[0][0].in_features, seed=6))
     load_webui(model)
     try:
         rec = Recorder(monkeypatch)

@@ -11,6 +11,7 @@ from a1111_harness import load_webui, pag_script, script_args, txt2img, unload_w
 from lib_pag import PagError, a1111
 from modules import infotext_utils, processing, script_callbacks, scripts, shared
 from modules import sd_models_double
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import assert_same_snapshot, snapshot
 
 
@@ -398,19 +399,25 @@ def test_other_scripts_can_override_through_p(webui):
     assert "PAG scale: 1.25" in processed.infotexts[0] and "PAG layers: m0" in processed.infotexts[0]
 
 
-def test_fork_can_be_switched_off_for_debugging(webui, monkeypatch):
-    unet = webui[0].model.diffusion_model
+def test_fork_can_be_switched_off_for_debugging(monkeypatch, float64):
+    model = to_float64(sd_models_double.make_sd15_model(seed=7))  # forked vs unforked in float64: tests/exactness.py
+    load_webui(model)
+    unet = model.model.diffusion_model
     seen = []
     hook = unet.input_blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     monkeypatch.setenv("SD_WEBUI_PAG_NO_FORK", "1")
+    size = {"steps": 2, "width": 128, "height": 128}  # 2×2 middle-block tokens (at 1×1 PAG on mid does nothing)
     try:
-        _, unforked = run([{"enabled": True, "layers": "mid"}], steps=2)
+        _, unforked = run([{"enabled": True, "layers": "mid"}], **size)
         monkeypatch.delenv("SD_WEBUI_PAG_NO_FORK")
-        _, forked = run([{"enabled": True, "layers": "mid"}], steps=2)
+        _, forked = run([{"enabled": True, "layers": "mid"}], **size)
+        _, plain = run([False], **size)
     finally:
         hook.remove()
-    assert seen == [3, 3, 2, 2]
-    assert (latents(forked) - latents(unforked)).abs().max() <= 1e-5 * max(1.0, float(latents(unforked).abs().max()))
+        unload_webui()
+    assert seen == [3, 3, 2, 2, 2, 2]
+    assert_exact(latents(forked), latents(unforked), what="forked vs unforked")
+    assert_visible(rel_err(latents(plain), latents(forked)), what="PAG's effect")
 
 
 def test_api_infotext_field_fills_the_pag_args(client):

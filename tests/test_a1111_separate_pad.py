@@ -1,11 +1,12 @@
 import pytest, torch
 from a1111_harness import load_webui, unload_webui, txt2img
 from modules import processing, shared, sd_models_double
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 
 
 @pytest.fixture()
-def webui(monkeypatch):
-    model = sd_models_double.make_sd15_model(seed=3)
+def webui(monkeypatch, float64):  # batched vs separate in float64: tests/exactness.py
+    model = to_float64(sd_models_double.make_sd15_model(seed=3))
     load_webui(model)
     yield model
     unload_webui()
@@ -26,5 +27,6 @@ def test_separate_equals_batched_with_long_negative(webui, monkeypatch, pad):
     kw = dict(prompt="a cat", negative="blurry ugly bad low quality deformed extra", steps=3)
     batched = run("batched", **kw)
     separate = run("separate", **kw)
-    print("max diff", float((batched - separate).abs().max()))
-    assert torch.allclose(batched, separate, atol=1e-4, rtol=1e-4)
+    assert_exact(batched, separate, what="batched vs separate")
+    plain = lat(processing.process_images(txt2img([False], **kw)))
+    assert_visible(rel_err(plain, batched), what="PAG's effect")

@@ -16,19 +16,19 @@ import torch.nn.functional as F
 from lib_pag import AttentionPatch, Perturbation, RowMarks, build_catalog, resolve_layers
 from lib_pag.layout import RowLayout
 from lib_pag.fork import forking
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import sd15_unet
 
-TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("float64")  # every path comparison in float64 (tests/exactness.py)
 MASK = RowLayout.from_mask([False, False, True, True, False, False], sources=[0, 1])  # 2 cond, their 2 twins, 2 uncond
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return sd15_unet(seed=21)
+    return to_float64(sd15_unet(seed=21))
 
 
-def rel(a, b):
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+rel = rel_err
 
 
 def inputs(unet, h=16, w=16, seed=0):
@@ -116,9 +116,10 @@ def test_fork_is_exact_next_to_a_foreign_patch(unet, spec, kind, where):
         unforked, _ = run(unet, selection, pag_batch, fork=False)
         reference = separate(unet, selection, plain_batch)
     assert rel(plain, untouched) > 1e-3  # the foreign patch really changes the output
-    assert rel(forked, unforked) <= TOL
-    assert rel(forked, reference) <= TOL
+    assert_exact(forked, unforked, what="forked vs unforked")
+    assert_exact(forked, reference, what="forked vs separate")
     assert rel(forked[2:4], forked[:2]) > 1e-3  # and PAG really perturbs the twins
+    assert_visible(min(rel(plain, untouched), rel(forked[2:4], forked[:2])), what="patch's or PAG's effect")
     if kind == "instance forward" and where == "":
         assert point is None  # someone else's UNet forward: never walked
     else:
@@ -161,7 +162,7 @@ def test_a_patch_added_during_the_job_is_seen(unet):
             assert patch.calls == 1
     with Foreign(unet, "middle_block", "instance forward"):
         reference = separate(unet, selection, plain_batch)
-    assert rel(out, reference) <= TOL
+    assert_exact(out, reference)
 
 
 # --- Deep Shrink (Kohya HRFix) style: hidden states resized inside the UNet ----------------------------
@@ -202,13 +203,13 @@ class TrueGridBlur(torch.nn.Module):
         a = self.attn
         h, w = self.grid_of()
         assert h * w == x.shape[1]
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
         ys, xs = ys.reshape(-1), xs.reshape(-1)
         gy = torch.exp(-(ys[:, None] - ys[None, :]) ** 2 / (2 * self.sigma ** 2))
         gx = torch.exp(-(xs[:, None] - xs[None, :]) ** 2 / (2 * self.sigma ** 2))
         # normalised per axis over the valid positions (no padding)
         def axis_norm(n):
-            pos = torch.arange(n, dtype=torch.float32)
+            pos = torch.arange(n, dtype=x.dtype)
             return torch.exp(-(pos[:, None] - pos[None, :]) ** 2 / (2 * self.sigma ** 2)).sum(1)
 
         ny, nx = axis_norm(h), axis_norm(w)
@@ -233,7 +234,7 @@ def test_blur_under_deep_shrink_uses_the_true_grid(unet, spec, fork, caplog):
         out, _ = run(unet, selection, pag_batch, fork=fork, perturbation=blur)
         unforked, _ = run(unet, selection, pag_batch, fork=False, perturbation=blur)
     assert "not known" not in caplog.text
-    assert rel(out, unforked) <= TOL
+    assert_exact(out, unforked, what="forked vs unforked")
 
     ref = copy.deepcopy(unet)
     grids = {}
@@ -248,10 +249,12 @@ def test_blur_under_deep_shrink_uses_the_true_grid(unet, spec, fork, caplog):
     with torch.no_grad(), DeepShrink(ref):
         expected = ref(x[:2], t[:2], context=c[:2])
     assert grids.get("middle_block.1", (4, 3)) == (4, 3)
-    assert rel(out[2:4], expected) <= TOL
+    assert_exact(out[2:4], expected, what="twins vs the true-grid blur")
     with torch.no_grad(), DeepShrink(unet):
         plain = unet(x, t, context=c)
-    assert rel(out[:2], plain[:2]) <= TOL and rel(out[4:], plain[2:]) <= TOL
+    assert_exact(out[:2], plain[:2], what="cond rows")
+    assert_exact(out[4:], plain[2:], what="uncond rows")
+    assert_visible(rel(out[2:4], plain[:2]), what="the blur's effect")
 
 
 def test_a_replaced_class_forward_of_the_blocks_is_never_skipped(unet, monkeypatch, caplog):
@@ -278,4 +281,5 @@ def test_a_replaced_class_forward_of_the_blocks_is_never_skipped(unet, monkeypat
     assert point is not None and len(calls) == without_pag
     assert "TimestepEmbedSequential.forward is" in caplog.text
     unforked, _ = run(unet, selection, pag_batch, fork=False)
-    assert rel(forked, unforked) <= TOL and rel(forked, separate(unet, selection, plain_batch)) <= TOL
+    assert_exact(forked, unforked, what="forked vs unforked")
+    assert_exact(forked, separate(unet, selection, plain_batch), what="forked vs separate")

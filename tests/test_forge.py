@@ -4,6 +4,8 @@ Every exactness test recomputes the expected denoised output independently: plai
 predictions come from the *native* ldm forward of the UNet and of ``tests.unets.reference_unet``
 (attn1 → ``(1−a)·attn + a·to_out(to_v(x))``), combined with the host's AND rule
 (``Σ w·pred / Σ w``, CFG × Σ w when ≠ 1) and the PAG formula ``denoised + s·(cond − perturbed)``.
+The UNet is float64 and the ``host`` fixture runs each test in float64 mode: outputs are compared to
+float64 rounding (``tests/exactness.py``).
 """
 
 import math
@@ -17,10 +19,10 @@ from lib_pag import forge
 from lib_pag.params import PagParams
 from tests.forge_double import unet_walk
 from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel, deep_equal, snapshot_options
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from tests.unets import reference_unet, sd15_unet
 
 DOUBLES = Path(__file__).resolve().parent / "forge_double"
-TOL = 1e-5
 # 8×8 latents: the middle block sees 1 token (self-attention = identity there), so tests that need a
 # visible PAG term perturb down/up layers too
 TOKENS, CTX = 7, 32
@@ -34,7 +36,7 @@ def _purge():
 
 @pytest.fixture(scope="module")
 def unet():
-    return sd15_unet(seed=3)
+    return to_float64(sd15_unet(seed=3))
 
 
 class Host:
@@ -68,7 +70,7 @@ class Host:
 
 
 @pytest.fixture(params=["forge2", "reforge"])
-def host(request, unet, monkeypatch):
+def host(request, unet, monkeypatch, float64):
     root = str(DOUBLES / request.param)
     _purge()
     sys.path.insert(0, root)
@@ -111,10 +113,6 @@ def expected(unet, ref, x, sigma, uncond, cond, conds_list, cfg, s, *, skipped=F
     return (guided, out) if both else guided
 
 
-def rel_err(got, want):
-    return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
-
-
 def inputs(batch=1, subprompts=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, 8, 8, generator=g) * 3
@@ -153,10 +151,12 @@ def check(host, params, results, cfg, scales, *, strengths=None, rescale=0.0):
         with torch.no_grad():
             want, plain = expected(host.unet, ref, x, sigma, uncond, cond, conds_list, cfg, s, skipped=skipped,
                                    rescale=rescale, both=True)
-        assert rel_err(got, want) <= TOL, (float(sigma[0]), rel_err(got, want))
+        assert_exact(got, want, what=f"sigma {float(sigma[0])}")
         if s:
             strongest = max(strongest, rel_err(plain, want))
-    assert strongest > 1e-2 or not any(scales), f"PAG term too small to tell apart ({strongest})"
+    if any(scales):  # the PAG term's own size: leaving it out (or a wrong one) would miss by that much
+        assert strongest > 1e-2, f"PAG term too small to tell apart ({strongest})"
+        assert_visible(strongest, what="PAG term")
 
 
 def pag(**kw):
@@ -213,8 +213,8 @@ def test_and_prompts_batch_two_follow_the_host_average(host, monkeypatch, chunke
     if chunked:  # an entry is 2 rows × 8 × 8 = 128 units; reForge asks for 1.5× that
         monkeypatch.setattr(host.memory, "FREE_MEMORY", 300 if host.kind == "forge2" else 450)
     params = pag(scale=2.5)
-    # CFG 3: the host multiplies CFG by Σ w = 2.9 here, which amplifies the fp32 noise of batched vs
-    # single UNet calls (already ~1e-5 at CFG 5 without PAG); the PAG term itself is not amplified
+    # CFG 3: the host multiplies CFG by Σ w = 2.9 here, which amplifies the rounding noise of batched vs
+    # single UNet calls; the PAG term itself is not amplified
     _, results = run(host, params, batch=2, weights=(1.0, 0.6, 1.3), sigmas=(5.0, 1.5), cfg=3.0)
     check(host, params, results, 3.0, [2.5, 2.5])
     calls = unet_walk.CALLS
@@ -342,7 +342,7 @@ def test_end_makes_installed_functions_inert(host):
     with torch.no_grad():
         got = den(x, sigma, uncond, cond, [[(0, 1.0)]], 5.0)
         want = expected(host.unet, host.unet, x, sigma, uncond, cond, [[(0, 1.0)]], 5.0, 0.0)
-    assert rel_err(got, want) <= TOL
+    assert_exact(got, want)
 
 
 def test_bad_layer_is_refused_with_a_comment(host):
@@ -442,8 +442,9 @@ def test_multidiffusion_style_wrapper_tiles_keep_the_twins_in_place(host):
     assert 2 * 6 in tile_rows  # 2 tiles × (2 cond + 2 uncond + 2 twins)
     plain = sample(PagParams())
     for (_, got), (_, want), (_, off) in zip(batched, separate, plain):
-        assert rel_err(got, want) <= TOL
+        assert_exact(got, want, what="batched vs separate")
         assert rel_err(off, want) > 1e-3
+        assert_visible(rel_err(off, want), what="PAG term")
 
 
 @pytest.mark.parametrize("calc_mode", ["Attention", "Latent"])

@@ -13,9 +13,8 @@ import torch
 from lib_pag import forge, forge_fork
 from lib_pag.fork import DISABLE_ENV
 from tests.forge_double.webui import Processing, SdModel, deep_equal, snapshot_options
-from tests.test_forge import check, host, pag, rel_err, run, unet  # noqa: F401  (fixtures)
-
-TOL = 1e-5
+from tests.exactness import assert_exact, assert_visible, rel_err
+from tests.test_forge import check, host, pag, run, unet  # noqa: F401  (fixtures; float64: tests/exactness.py)
 
 
 class Rows:
@@ -54,8 +53,9 @@ def both(host, params, monkeypatch, **kw):
 
 
 def assert_same(a, b):
+    """Step by step the same numbers (to float64 rounding: ``tests.exactness``)."""
     for (_, got), (_, want) in zip(a, b):
-        assert rel_err(got, want) <= TOL, rel_err(got, want)
+        assert_exact(got, want, what="forked vs unforked")
 
 
 def test_fork_equals_unforked_and_the_prefix_runs_on_the_host_rows_only(host, monkeypatch):
@@ -138,7 +138,9 @@ def test_other_extensions_unet_patches_run_once_per_call_and_stay_exact(host, mo
     assert {rows for _, rows in calls_off} == {3}
     # and it had an effect: without it the images differ
     plain = run(host, params)[1]
-    assert max(rel_err(a, b) for (_, a), (_, b) in zip(results[0], plain)) > 1e-4
+    effect = max(rel_err(a, b) for (_, a), (_, b) in zip(results[0], plain))
+    assert effect > 1e-4
+    assert_visible(effect, what="the patch's effect")
 
 
 def test_a_changed_host_forward_turns_the_fork_off(host, monkeypatch, caplog):

@@ -17,11 +17,18 @@ import torch
 from lib_pag import forge
 from lib_pag.params import PagParams
 from tests.forge_double import samplers, unet_walk
-from tests.test_forge import _purge, unet  # noqa: F401  (fixture)
+from tests.test_forge import _purge
 from tests.forge_double.webui import Forge2Denoiser, Processing, ReForgeDenoiser, SdModel
+from tests.unets import sd15_unet
 from tests.windows_oracle import SCALE, window
 
 DOUBLES = Path(__file__).resolve().parent / "forge_double"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """fp32 (test_forge's is float64 for its path comparisons; these tests count calls and rows)."""
+    return sd15_unet(seed=3)
 
 
 @pytest.fixture(params=["forge2", "reforge"])

@@ -12,9 +12,10 @@ from lib_pag.fork import (
     ForkChecks, ForkPoint, first_perturbed_stage, fork_stages, forked_forward, forking, original_forward,
     register_original_forward,
 )
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import sd15_unet, sdxl_unet, unet_inputs
 
-TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("float64")  # forked vs batched compared in float64 (tests/exactness.py)
 MASK = torch.tensor([False, False, True, True, False, False])  # 2 cond, 2 twins, 2 uncond
 SOURCE = torch.tensor([0, 1])
 LAYOUT = RowLayout.from_mask(MASK, sources=SOURCE)
@@ -29,12 +30,12 @@ def sgm_double_is_known():
 
 @pytest.fixture(scope="module")
 def sd15():
-    return sd15_unet(seed=3)
+    return to_float64(sd15_unet(seed=3))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return sdxl_unet("base", seed=4)
+    return to_float64(sdxl_unet("base", seed=4))
 
 
 def twin_batch(unet, seed=0):
@@ -48,8 +49,7 @@ def twin_batch(unet, seed=0):
     return lay(x), lay(t), {k: lay(v) for k, v in kw.items()}
 
 
-def rel(a, b):
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+rel = rel_err
 
 
 def batched(unet, selection, inputs, perturbation=None):
@@ -102,9 +102,10 @@ def test_fork_equals_batched(model, spec, request):
     assert forked_direct(unet, selection, inputs, source=None) is None  # nothing may be shared without sources
     for out in (direct, wrapped):
         assert out.shape == expected.shape
-        assert rel(out, expected) <= TOL
-    # the twins really are perturbed, and differently from their cond rows
+        assert_exact(out, expected, what="forked vs batched")
+    # the twins really are perturbed, and differently from their cond rows: forking a wrong row would show
     assert rel(expected[2:4], expected[0:2]) > 1e-3
+    assert_visible(rel(expected[2:4], expected[0:2]), what="PAG's perturbation")
     assert "forward" not in unet.__dict__
 
 
@@ -120,7 +121,7 @@ def test_fork_with_blur_uses_the_true_grid(sd15):
     selection = resolve_layers("mid,u0", build_catalog(sd15))
     inputs = twin_batch(sd15)
     blur = Perturbation("blur", blur_sigma=2.0)
-    assert rel(forked_call(sd15, selection, inputs, blur), batched(sd15, selection, inputs, blur)) <= TOL
+    assert_exact(forked_call(sd15, selection, inputs, blur), batched(sd15, selection, inputs, blur))
 
 
 def test_fork_points():
@@ -157,7 +158,7 @@ def test_down_selection_forks_before_its_input_block(sd15):
             with torch.no_grad(), AttentionPatch(sd15, selection, marks=marks), marks.marking(LAYOUT):
                 out = sd15(x, t, **kw)
     assert counter.rows["input_blocks.1"] == [4] and counter.rows["input_blocks.2"] == [6]
-    assert rel(out, expected) <= TOL
+    assert_exact(out, expected, what="forked before an input block vs batched")
     assert "forward" not in sd15.__dict__
 
 
@@ -234,7 +235,7 @@ def test_restored_bound_forward_is_not_a_replacement(sd15):
     try:
         bound = sd15.__dict__["forward"]
         assert original_forward(sd15) is not None
-        assert rel(forked_call(sd15, selection, inputs), expected) <= TOL
+        assert_exact(forked_call(sd15, selection, inputs), expected)
         assert sd15.__dict__["forward"] is bound
     finally:
         del sd15.forward
@@ -288,7 +289,7 @@ def test_a1111_sd_unet_dispatcher_is_seen_through(monkeypatch, sd15):
     assert plain is not None and plain.flavor == "ldm"
     selection = resolve_layers("mid", build_catalog(sd15))
     inputs = twin_batch(sd15)
-    assert rel(forked_call(sd15, selection, inputs), batched(sd15, selection, inputs)) <= TOL
+    assert_exact(forked_call(sd15, selection, inputs), batched(sd15, selection, inputs))
     fake.current_unet = object()  # e.g. TensorRT's UNet is active: not ours to walk
     assert original_forward(sd15) is None
 

@@ -4,19 +4,21 @@ import pytest
 import torch
 
 from lib_pag import AttentionPatch, PagError, RowMarks, build_catalog, resolve_layers
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import assert_same_snapshot, reference_unet, sd15_unet, sd2_unet, sdxl_unet, snapshot, unet_inputs
 
-TOL = 1e-5
+# patched rows vs the reference, unmarked rows vs the plain model: float64, tests/exactness.py
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture(scope="module")
 def sd15():
-    return sd15_unet(seed=1)
+    return to_float64(sd15_unet(seed=1))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return sdxl_unet("base", seed=2)
+    return to_float64(sdxl_unet("base", seed=2))
 
 
 def run(unet, inputs):
@@ -34,26 +36,14 @@ def patched_run(unet, spec, mask, inputs):
     return out, selection, patch
 
 
-def unmarked_tol(unet, inputs, keep):
-    """1e-6, or the unpatched model's own fp32 noise between batch compositions if that is larger.
-
-    Running rows in a batch of another size changes GEMM blocking, so even the unpatched model differs
-    from itself by a few ulps; the unmarked rows may not deviate more than twice that.
-    """
-    x, t, kw = inputs
-    keep = torch.as_tensor(keep)
-    sub = run(unet, (x[keep], t[keep], {k: v[keep] for k, v in kw.items()}))
-    noise = float((sub - run(unet, inputs)[keep]).abs().max())
-    return max(1e-6, 2 * noise)
-
-
 @pytest.mark.parametrize("spec", ["mid", "mid,up", "down", "d1-d3", "u0.0:0.5", "mid:0.25,u2-u4"])
 def test_sd15_perturbed_rows_equal_independent_reference(sd15, spec):
     inputs = unet_inputs(sd15, batch=2)
     out, selection, _ = patched_run(sd15, spec, [True, True], inputs)
     ref = run(reference_unet(sd15, {l.path: s for l, s in selection.chosen}), inputs)
-    assert (out - ref).abs().max() <= TOL
+    assert_exact(out, ref)
     assert (out - run(sd15, inputs)).abs().max() > 1e-3  # the perturbation really changes the prediction
+    assert_visible(rel_err(run(sd15, inputs), ref), what="the perturbation")
 
 
 @pytest.mark.parametrize("spec", ["mid", "m0.2-9", "d2.0-1:0.5,u0"])
@@ -61,15 +51,17 @@ def test_sdxl_perturbed_rows_equal_independent_reference(sdxl, spec):
     inputs = unet_inputs(sdxl, batch=2)
     out, selection, _ = patched_run(sdxl, spec, [True, True], inputs)
     ref = run(reference_unet(sdxl, {l.path: s for l, s in selection.chosen}), inputs)
-    assert (out - ref).abs().max() <= TOL
+    assert_exact(out, ref)
+    assert_visible(rel_err(run(sdxl, inputs), ref), what="the perturbation")
 
 
 def test_sd2_perturbed_rows_equal_reference():
-    unet = sd2_unet(seed=3)
+    unet = to_float64(sd2_unet(seed=3))
     inputs = unet_inputs(unet, batch=1)
     out, selection, _ = patched_run(unet, "mid,up", [True], inputs)
     ref = run(reference_unet(unet, {p: 1.0 for p in selection.paths}), inputs)
-    assert (out - ref).abs().max() <= TOL
+    assert_exact(out, ref)
+    assert_visible(rel_err(run(unet, inputs), ref), what="the perturbation")
 
 
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, True], [False, False, True]])
@@ -78,13 +70,12 @@ def test_only_marked_rows_are_perturbed(sd15, mask):
     out, selection, _ = patched_run(sd15, "mid,up", mask, inputs)
     plain = run(sd15, inputs)
     ref = run(reference_unet(sd15, {p: 1.0 for p in selection.paths}), inputs)
-    keep = [not m for m in mask]
-    tol = unmarked_tol(sd15, inputs, keep)
     for row, marked in enumerate(mask):
         if marked:
-            assert (out[row] - ref[row]).abs().max() <= TOL
+            assert_exact(out[row], ref[row], what=f"marked row {row}")
+            assert_visible(rel_err(plain[row], ref[row]), what="the perturbation")
         else:
-            assert (out[row] - plain[row]).abs().max() <= tol
+            assert_exact(out[row], plain[row], what=f"unmarked row {row}")
 
 
 def test_no_marked_rows_is_bit_identical(sd15):
@@ -148,8 +139,8 @@ def test_reentrant_and_nested_patches(sd15):
             out = run(sd15, inputs)
     ref = run(reference_unet(sd15, {p: 1.0 for p in selection.paths}), inputs)
     plain = run(sd15, inputs)
-    assert (out[1] - ref[1]).abs().max() <= TOL
-    assert (out[0] - plain[0]).abs().max() <= unmarked_tol(sd15, inputs, [True, False])
+    assert_exact(out[1], ref[1], what="marked row")
+    assert_exact(out[0], plain[0], what="unmarked row")
     assert not any("forward" in m.__dict__ for m in sd15.modules())
 
 
@@ -200,10 +191,10 @@ def test_chains_to_an_existing_instance_forward_and_restores_it(sd15):
             out = run(sd15, inputs)
         assert attn.__dict__["forward"] is tiling_forward
         assert seen[-1] == 1  # only the unmarked row reached the tiled forward
-        assert (out[0] - plain[0]).abs().max() <= unmarked_tol(sd15, inputs, [True, False])
+        assert_exact(out[0], plain[0], what="unmarked row")
         ref_model = reference_unet(sd15, {selection.paths[0]: 1.0})
         ref = run(ref_model, inputs)
-        assert (out[1] - ref[1]).abs().max() <= TOL
+        assert_exact(out[1], ref[1], what="marked row")
     finally:
         del attn.forward
 
@@ -226,7 +217,7 @@ def test_tiled_attention_batch_expands_the_row_mask(sd15):
             out = run(sd15, inputs)
         attn.forward = pag_forward
     ref = run(reference_unet(sd15, {selection.paths[0]: 1.0}), inputs)
-    assert (out[1] - ref[1]).abs().max() <= TOL  # identity attention is per token, so tiling changes nothing
+    assert_exact(out[1], ref[1])  # identity attention is per token, so tiling changes nothing
     assert not any("forward" in m.__dict__ for m in sd15.modules())
 
 
@@ -254,8 +245,8 @@ def test_sgm_attention_kwargs_are_accepted(sdxl):
         out = attn(x, context=None, additional_tokens=extra, n_times_crossframe_attn_in_self=0)
     with torch.no_grad():
         plain = attn(x[:1], additional_tokens=extra[:1])
-        assert (out[0] - plain[0]).abs().max() <= 1e-5
-        torch.testing.assert_close(out[1], attn.to_out(attn.to_v(x[1:]))[0], rtol=0, atol=1e-6)
+        assert_exact(out[0], plain[0], what="unmarked row")
+        assert_exact(out[1], attn.to_out(attn.to_v(x[1:]))[0], what="marked row")
 
 
 def test_mask_that_does_not_fit_the_batch_is_an_error(sd15):

@@ -7,7 +7,10 @@ import torch
 
 from lib_pag import AttentionPatch, Perturbation, RowMarks, blur_tokens, build_catalog, resolve_layers
 from lib_pag.perturbations import gaussian_blur_matrix
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64
 from unets import sd15_unet, unet_inputs
+
+pytestmark = pytest.mark.usefixtures("float64")  # lib_pag's attention vs attention by hand in float64 (tests/exactness.py)
 
 
 def attention(attn, q_in, kv_in, noise=None):
@@ -24,7 +27,7 @@ def attention(attn, q_in, kv_in, noise=None):
 
 @pytest.fixture(scope="module")
 def attn():
-    unet = sd15_unet(seed=4)
+    unet = to_float64(sd15_unet(seed=4))
     return unet.get_submodule("middle_block.1.transformer_blocks.0.attn1")
 
 
@@ -44,27 +47,29 @@ def test_infinite_blur_equals_mean_query_attention(attn):
         k = attn.to_k(x).reshape(b, n, h, c // h).transpose(1, 2)
         v = attn.to_v(x).reshape(b, n, h, c // h).transpose(1, 2)
         ref = attn.to_out(((q @ k.transpose(-1, -2) / math.sqrt(c // h)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert_exact(out, ref)
+    assert_visible(rel_err(attention(attn, x, x), ref), what="the blur's effect")
 
 
 def test_tiny_blur_is_plain_attention_and_blur_smooths(attn):
     x = tokens(attn)
     with torch.no_grad():
         sharp = Perturbation("blur", blur_sigma=1e-3)(attn, x, grid=(4, 4))
-        torch.testing.assert_close(sharp, attention(attn, x, x), rtol=0, atol=1e-5)
+        assert_exact(sharp, attention(attn, x, x))
     t = torch.randn(1, 16, 3)
     blurred = blur_tokens(t, 1.0, (4, 4))
     assert blurred.var(dim=1).mean() < t.var(dim=1).mean()
+    # not a path comparison: without padding the blur keeps the mean only roughly (edge rows weigh less)
     torch.testing.assert_close(blurred.mean(dim=1), t.mean(dim=1), rtol=0, atol=0.2)
-    g = gaussian_blur_matrix(5, 1.0)
-    torch.testing.assert_close(g.sum(1), torch.ones(5))
-    assert torch.allclose(g, g.flip(0).flip(1))
+    g = gaussian_blur_matrix(5, 1.0, dtype=torch.float64)
+    assert_exact(g.sum(1), torch.ones(5))
+    assert_exact(g, g.flip(0).flip(1))
 
 
 def test_blur_respects_non_square_grids(attn):
-    t = torch.arange(2 * 3, dtype=torch.float32).reshape(1, 6, 1)
+    t = torch.arange(2 * 3, dtype=torch.float64).reshape(1, 6, 1)
     out = blur_tokens(t, math.inf, (2, 3))
-    torch.testing.assert_close(out, torch.full_like(t, t.mean().item()))
+    assert_exact(out, torch.full_like(t, t.mean().item()))
     with pytest.raises(ValueError, match="grid"):
         blur_tokens(t, 1.0, (4, 4))
 
@@ -78,13 +83,14 @@ def test_noise_is_reproducible_by_seed_and_zero_noise_is_plain_attention(attn):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert (a - c).abs().max() > 1e-3
         g = torch.Generator().manual_seed(7)
-        noise = torch.randn((2, attn.heads, 16, 16), generator=g)
-        torch.testing.assert_close(a, attention(attn, x, x, noise=2.0 * noise), rtol=0, atol=1e-5)
-        torch.testing.assert_close(Perturbation("noise", noise_scale=0.0)(attn, x), attention(attn, x, x), rtol=0, atol=1e-5)
+        noise = torch.randn((2, attn.heads, 16, 16), generator=g, dtype=torch.float32).to(x.dtype)  # drawn in fp32
+        assert_exact(a, attention(attn, x, x, noise=2.0 * noise))
+        assert_exact(Perturbation("noise", noise_scale=0.0)(attn, x), attention(attn, x, x))
+        assert_visible(rel_err(attention(attn, x, x), a), what="the noise's effect")
 
 
 def test_blur_through_the_patch_finds_the_token_grid():
-    unet = sd15_unet(seed=5)
+    unet = to_float64(sd15_unet(seed=5))
     selection = resolve_layers("mid", build_catalog(unet))
     attn = unet.get_submodule(selection.paths[0])
     seen = {}
@@ -126,7 +132,8 @@ def test_blur_without_a_grid_blurs_the_token_order_and_warns_once(attn, caplog):
         out = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
         expected = attn.to_out(out.transpose(1, 2).reshape(2, 10, -1))
         plain = attention(attn, x, x)
-    torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(b, expected, rtol=1e-4, atol=1e-5)
+    assert_exact(a, expected)
+    assert_exact(b, expected)
     assert caplog.text.count("token grid of a 10-token attention is not known") == 1
     assert float((a - plain).abs().max()) > 1e-3
+    assert_visible(rel_err(plain, expected), what="the blur's effect")

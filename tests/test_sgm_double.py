@@ -11,6 +11,7 @@ try:
     from tests.doubles import sgm_unet as sgm
 except ImportError:  # tests/ itself on sys.path (pytest rootdir-less import mode)
     from doubles import sgm_unet as sgm
+from tests.exactness import assert_exact
 
 
 FACTORIES = {
@@ -235,7 +236,7 @@ def test_every_self_attention_influences_output(unets):
         assert torch.equal(unet(**inputs), ref)
 
 
-def test_cross_attention_matches_reference_math():
+def test_cross_attention_matches_reference_math(float64):  # the double vs the math written out, in float64 (tests/exactness.py)
     torch.manual_seed(0)
     attn = sgm.CrossAttention(query_dim=16, context_dim=12, heads=2, dim_head=8)
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
@@ -247,10 +248,10 @@ def test_cross_attention_matches_reference_math():
     q, k, v = split(attn.to_q(x)), split(attn.to_k(ctx)), split(attn.to_v(ctx))
     weights = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
     expected = attn.to_out((weights @ v).transpose(1, 2).reshape(2, 5, 16))
-    torch.testing.assert_close(out, expected)
+    assert_exact(out, expected)
 
 
-def test_additional_tokens_keep_output_shape():
+def test_additional_tokens_keep_output_shape(float64):  # the double vs the math written out, in float64 (tests/exactness.py)
     torch.manual_seed(0)
     attn = sgm.CrossAttention(query_dim=16, heads=2, dim_head=8)
     x, extra = torch.randn(2, 6, 16), torch.randn(2, 3, 16)
@@ -260,18 +261,18 @@ def test_additional_tokens_keep_output_shape():
     # the extra tokens take part as keys/values of self-attention
     assert not torch.allclose(plain, with_extra)
     # and equal running on the concatenation then dropping the first rows
-    torch.testing.assert_close(with_extra, attn(torch.cat([extra, x], 1))[:, 3:])
+    assert_exact(with_extra, attn(torch.cat([extra, x], 1))[:, 3:])
 
     cross = sgm.CrossAttention(query_dim=16, context_dim=12, heads=2, dim_head=8)
     ctx = torch.randn(2, 4, 12)
     # with a context the extra query rows are simply stripped again
-    torch.testing.assert_close(cross(x, context=ctx, additional_tokens=extra), cross(x, context=ctx))
+    assert_exact(cross(x, context=ctx, additional_tokens=extra), cross(x, context=ctx))
 
     block = sgm.BasicTransformerBlock(16, 2, 8, context_dim=12)
     assert block(x, context=ctx, additional_tokens=extra).shape == x.shape
 
 
-def test_crossframe_attention_shares_first_frame_kv():
+def test_crossframe_attention_shares_first_frame_kv(float64):  # the double vs the math written out, in float64 (tests/exactness.py)
     torch.manual_seed(0)
     attn = sgm.CrossAttention(query_dim=16, heads=2, dim_head=8)
     x = torch.randn(4, 5, 16)
@@ -283,7 +284,7 @@ def test_crossframe_attention_shares_first_frame_kv():
     split = lambda t: t.reshape(1, 5, 2, 8).transpose(1, 2)  # noqa: E731
     ref = F.scaled_dot_product_attention(split(q1), split(k0), split(v0))
     expected = attn.to_out(ref.transpose(1, 2).reshape(1, 5, 16))
-    torch.testing.assert_close(out[1:2], expected)
+    assert_exact(out[1:2], expected)
 
 
 def test_block_calls_attn1_with_sgm_arguments():
@@ -303,9 +304,9 @@ def test_block_calls_attn1_with_sgm_arguments():
     assert seen["n_times_crossframe_attn_in_self"] == 0
 
 
-def test_spatial_transformer_accepts_context_list():
+def test_spatial_transformer_accepts_context_list(float64):  # the double vs the math written out, in float64 (tests/exactness.py)
     torch.manual_seed(0)
     st = sgm.SpatialTransformer(32, 2, 8, depth=2, context_dim=[12, 12], use_linear=True)
     x, ctx = torch.randn(1, 32, 4, 4), torch.randn(1, 3, 12)
-    torch.testing.assert_close(st(x, context=[ctx]), st(x, context=ctx))
+    assert_exact(st(x, context=[ctx]), st(x, context=ctx))
     assert st(x, context=[ctx, ctx]).shape == x.shape

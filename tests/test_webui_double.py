@@ -20,7 +20,10 @@ from modules import errors, prompt_parser, script_callbacks, sd_models_double, s
 
 import k_diffusion.external  # noqa: E402
 
-ATOL = 1e-5
+from tests.exactness import assert_exact, assert_visible, rel_err, to_float64  # noqa: E402
+
+# the host double's outputs vs direct UNet calls, in float64 (tests/exactness.py: error model and bound)
+pytestmark = pytest.mark.usefixtures("float64")
 CFG = 7.0
 HW = 8
 
@@ -31,12 +34,12 @@ HW = 8
 
 @pytest.fixture(scope="module")
 def sd15():
-    return sd_models_double.make_sd15_model(0)
+    return to_float64(sd_models_double.make_sd15_model(0))
 
 
 @pytest.fixture(scope="module")
 def sd15_inpaint():
-    return sd_models_double.make_sd15_inpaint_model(1)
+    return to_float64(sd_models_double.make_sd15_inpaint_model(1))
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +90,8 @@ def direct_rows(model, sigma, rows, groups, space="x0"):
     """Expected UNet outputs, by calling the ldm UNet directly on hand-built rows.
 
     ``rows`` = ``[(x, context, image_cond or None), ...]`` in the host's row order; ``groups`` = the row
-    counts of the UNet calls (float32 results depend on the batch a row is computed in, so the reference
-    is computed in the same groups). ``space="x0"``: k-diffusion scalings (c_in = 1/sqrt(σ²+1),
+    counts of the UNet calls (the reference is computed in the same groups, though in float64 the batch a
+    row is computed in changes it by rounding only). ``space="x0"``: k-diffusion scalings (c_in = 1/sqrt(σ²+1),
     x0 = x - σ·eps at t = sigma_to_t(σ)); ``space="eps"``: eps at timestep ``sigma``.
     """
     assert sum(groups) == len(rows), (groups, len(rows))
@@ -113,10 +116,18 @@ def direct_rows(model, sigma, rows, groups, space="x0"):
 
 
 def guided(uncond_out, cond_outs_weights, scale):
+    """CFG on the direct rows; also checks that the CFG term is far above the exactness bound, so a missing
+    term or a wrong row could not pass as rounding."""
     out = uncond_out.clone()
     for c, w in cond_outs_weights:
         out = out + (c - uncond_out) * (w * scale)
+    assert_visible(rel_err(uncond_out, out), what="CFG term")
     return out
+
+
+def same(got, want):
+    """Equal to float64 rounding (``tests.exactness.assert_exact``)."""
+    assert_exact(got, want)
 
 
 class RowCounter:
@@ -157,8 +168,8 @@ def test_cfg_matches_direct_unet_batch2(sd15, batch_cond_uncond):
             s_min_uncond=0.0, image_cond=ic0(2))
     assert counter.calls == ([4] if batch_cond_uncond else [2, 2])
     c0, c1, u0, u1 = direct_rows(sd15, sigma, [(x[0], c[0], None), (x[1], c[1], None), (x[0], u[0], None), (x[1], u[1], None)], counter.calls)
-    torch.testing.assert_close(out[0], guided(u0, [(c0, 1.0)], CFG), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out[1], guided(u1, [(c1, 1.0)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(u0, [(c0, 1.0)], CFG))
+    same(out[1], guided(u1, [(c1, 1.0)], CFG))
     assert d.step == 1
 
 
@@ -180,8 +191,8 @@ def test_cfg_unequal_token_lengths(sd15, batch_cond_uncond):
     cond_groups = counter.calls[:-1]
     rc = direct_rows(sd15, sigma, [(x[j // 2], c[j], None) for j in range(4)], cond_groups)
     ru = direct_rows(sd15, sigma, [(x[0], u[0], None), (x[1], u[1], None)], [2])
-    torch.testing.assert_close(out[0], guided(ru[0], [(rc[0], 1.0), (rc[1], 0.5)], CFG), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out[1], guided(ru[1], [(rc[2], 1.0), (rc[3], 0.25)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(ru[0], [(rc[0], 1.0), (rc[1], 0.5)], CFG))
+    same(out[1], guided(ru[1], [(rc[2], 1.0), (rc[3], 0.25)], CFG))
     assert d.padded_cond_uncond is False
 
 
@@ -203,7 +214,7 @@ def test_padding_settings(sd15, setting):
         assert d.padded_cond_uncond_v0
     assert counter.calls == [2]  # padded -> one batched call
     rc, ru = direct_rows(sd15, sigma, [(x[0], c, None), (x[0], u_padded, None)], [2])
-    torch.testing.assert_close(out[0], guided(ru, [(rc, 1.0)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(ru, [(rc, 1.0)], CFG))
 
 
 def test_and_prompts_with_weights_and_stack_conds_padding(sd15):
@@ -224,8 +235,8 @@ def test_and_prompts_with_weights_and_stack_conds_padding(sd15):
     a_padded = torch.cat([a, a[-1:].repeat(4, 1)])
     ra, rb, rc, ru0, ru1 = direct_rows(sd15, sigma, [(x[0], a_padded, None), (x[0], b, None), (x[1], c, None),
                                                      (x[0], u[0], None), (x[1], u[1], None)], [5])
-    torch.testing.assert_close(out[0], guided(ru0, [(ra, 1.0), (rb, 0.5)], CFG), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out[1], guided(ru1, [(rc, 0.8)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(ru0, [(ra, 1.0), (rb, 0.5)], CFG))
+    same(out[1], guided(ru1, [(rc, 0.8)], CFG))
 
 
 def test_prompt_schedules_follow_the_step():
@@ -233,9 +244,9 @@ def test_prompt_schedules_follow_the_step():
     cond = prompt_parser.make_multicond([[([(2, early), (10, late)], 1.0)]])
     for step, want in ((0, early), (2, early), (3, late), (10, late), (11, early)):
         _, tensor = prompt_parser.reconstruct_multicond_batch(cond, step)
-        torch.testing.assert_close(tensor[0], want)
+        assert torch.equal(tensor[0], want)
     uncond = prompt_parser.make_uncond([[(1, early), (10, late)]])
-    torch.testing.assert_close(prompt_parser.reconstruct_cond_batch(uncond, 5)[0], late)
+    assert torch.equal(prompt_parser.reconstruct_cond_batch(uncond, 5)[0], late)
     indexes, flat, _ = prompt_parser.get_multicond_prompt_list(["cat AND dog:0.5", "dog"])
     # like the host: the text before ":w" keeps its leading space, so " dog" and "dog" are two sub-prompts
     assert indexes == [[(0, 1.0), (1, 0.5)], [(2, 1.0)]] and list(flat) == ["cat", " dog", "dog"]
@@ -254,9 +265,9 @@ def test_ngms_skip_uncond_on_odd_step(sd15):
     out = d(x, torch.full((1,), sigma), **args)
     assert counter.calls == [1]
     (cond_x0,) = direct_rows(sd15, sigma, [(x[0], c, None)], [1])
-    torch.testing.assert_close(out[0], cond_x0, atol=ATOL, rtol=0)  # scale 1 against a fake uncond
+    same(out[0], cond_x0)  # scale 1 against a fake uncond
     assert seen["rows"] == 2  # fake uncond appended: the cond row again
-    torch.testing.assert_close(seen["x"][1], seen["x"][0])
+    assert torch.equal(seen["x"][1], seen["x"][0])
     assert d.p.extra_generation_params["NGMS"] == sigma + 1.0
     d(x, torch.full((1,), sigma), **args)  # even step: full CFG
     assert counter.calls == [1, 2]
@@ -303,14 +314,14 @@ def test_inpaint_model_with_mask_blends_after(sd15_inpaint):
                                                            (x[0], u[0], image_cond[0]), (x[1], u[1], image_cond[1])], [4])
     for i, (rc, ru) in enumerate(((rc0, ru0), (rc1, ru1))):
         expected = guided(ru, [(rc, 1.0)], CFG) * (1 - mask) + init_latent[i] * mask
-        torch.testing.assert_close(out[i], expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(seen["x"], out)  # cfg_after_cfg sees the blended result
+        same(out[i], expected)
+    assert torch.equal(seen["x"], out)  # cfg_after_cfg sees the blended result
 
 
 def test_edit_model_three_blocks(sd15):
     """InstructPix2Pix (cond_stage_key "edit", image CFG != 1): rows cond, uncond (image cond), uncond (zero image cond)."""
     unet = sd_models_double.make_sd15_unet(4, in_channels=8)
-    model = sd_models_double.TinyLatentDiffusion(unet, conditioning_key="hybrid", cond_stage_key="edit", context_dim=32).eval()
+    model = to_float64(sd_models_double.TinyLatentDiffusion(unet, conditioning_key="hybrid", cond_stage_key="edit", context_dim=32).eval())
     _, d = denoiser_for("Euler", model)
     d.image_cfg_scale = 1.5
     counter = RowCounter(d)
@@ -324,7 +335,7 @@ def test_edit_model_three_blocks(sd15):
             cond_scale=CFG, s_min_uncond=0.0, image_cond=image_cond)
     assert counter.calls == [3]
     rc, ri, ru = direct_rows(model, sigma, [(x[0], c, image_cond[0]), (x[0], u, image_cond[0]), (x[0], u, torch.zeros_like(image_cond[0]))], [3])
-    torch.testing.assert_close(out[0], ru + CFG * (rc - ri) + 1.5 * (ri - ru), atol=ATOL, rtol=0)
+    same(out[0], ru + CFG * (rc - ri) + 1.5 * (ri - ru))
 
 
 def test_ddim_denoiser_is_eps_space_and_blends_before(sd15):
@@ -344,8 +355,8 @@ def test_ddim_denoiser_is_eps_space_and_blends_before(sd15):
     assert counter.calls == [4]
     xb = x * (1 - mask) + init_latent * mask
     rc0, rc1, ru0, ru1 = direct_rows(sd15, 501.0, [(xb[0], c[0], None), (xb[1], c[1], None), (xb[0], u[0], None), (xb[1], u[1], None)], [4], space="eps")
-    torch.testing.assert_close(out[0], guided(ru0, [(rc0, 1.0)], CFG), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out[1], guided(ru1, [(rc1, 1.0)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(ru0, [(rc0, 1.0)], CFG))
+    same(out[1], guided(ru1, [(rc1, 1.0)], CFG))
 
 
 def test_sdxl_dict_conds_reach_context_and_y():
@@ -355,7 +366,7 @@ def test_sdxl_dict_conds_reach_context_and_y():
         from doubles.sgm_unet import make_sdxl_base
 
     unet = make_sdxl_base(tiny=True, seed=3)
-    model = sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=24)
+    model = to_float64(sd_models_double.make_sdxl_model(unet, context_dim=32, adm_in_channels=24))
     _, d = denoiser_for("Euler", model)
     g = torch.Generator().manual_seed(13)
     c = {"crossattn": torch.randn(4, 32, generator=g), "vector": torch.randn(24, generator=g)}
@@ -374,7 +385,7 @@ def test_sdxl_dict_conds_reach_context_and_y():
     eps = unet(xx * (1 / (s ** 2 + 1.0) ** 0.5)[:, None, None, None], timesteps=t,
                context=torch.stack([c["crossattn"], u["crossattn"]]), y=torch.stack([c["vector"], u["vector"]]))
     rc, ru = xx + eps * (-s)[:, None, None, None]
-    torch.testing.assert_close(out[0], guided(ru, [(rc, 1.0)], CFG), atol=ATOL, rtol=0)
+    same(out[0], guided(ru, [(rc, 1.0)], CFG))
 
 
 def test_v_model_uses_compvis_v_denoiser():
@@ -442,10 +453,10 @@ def test_rows_inserted_between_cond_and_uncond_come_back(sd15, layout):
     else:
         outs = direct_rows(sd15, sigma, cond_rows + uncond_rows, expected_calls)
     for j in range(k):
-        torch.testing.assert_close(state["extra_out"][j], outs[2 + j], atol=ATOL, rtol=0)
+        same(state["extra_out"][j], outs[2 + j])
     for i in range(2):
         expected = outs[i] if layout == "ngms_skip" else guided(outs[2 + k + i], [(outs[i], 1.0)], CFG)
-        torch.testing.assert_close(out[i], expected, atol=ATOL, rtol=0)
+        same(out[i], expected)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,7 +478,7 @@ def test_callback_exceptions_are_reported_and_swallowed(sd15, capsys):
     script_callbacks.on_cfg_after_cfg(boom)
     before = len(errors.exception_records)
     out = d(x, torch.full((1,), 2.0), **args)
-    torch.testing.assert_close(out, reference)
+    assert torch.equal(out, reference)
     err = capsys.readouterr().err
     assert "*** Error executing callback cfg_denoiser_callback for" in err
     assert "*** Error executing callback cfg_after_cfg_callback for" in err
@@ -525,7 +536,7 @@ def test_full_sampling_run_is_finite_and_deterministic(sd15, name):
     b, _, _ = _run_sampler(name, sd15)
     assert a.shape == (2, 4, HW, HW)
     assert torch.isfinite(a).all()
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(a, b)
     assert sampler.model_wrap_cfg.step == 3 == sampler.model_wrap_cfg.total_steps
     assert [s[2] for s in steps_seen] == [0, 1, 2]
     assert all(s[1] == 3 for s in steps_seen)
@@ -547,7 +558,7 @@ def test_img2img_inpaint_run_keeps_unmasked_area(sd15):
     samples = sampler.sample_img2img(p, init_latent, noise, cond, uncond, image_conditioning=torch.zeros(1, 5, 1, 1))
     assert shared.state.sampling_steps == 3  # t_enc + 1 with t_enc = int(0.5 * 4)
     assert sampler.model_wrap_cfg.step == 3
-    torch.testing.assert_close(samples[..., : HW // 2], init_latent[..., : HW // 2], atol=1e-5, rtol=0)
+    same(samples[..., : HW // 2], init_latent[..., : HW // 2])
 
 
 def test_interrupt_returns_last_latent(sd15):
@@ -568,7 +579,7 @@ def test_interrupt_returns_last_latent(sd15):
 
 
 def test_refiner_switch_swaps_shared_model(sd15):
-    refiner = sd_models_double.make_sd15_model(5, title="tiny-refiner")
+    refiner = to_float64(sd_models_double.make_sd15_model(5, title="tiny-refiner"))
     info = sd_models_double.CheckpointInfo("tiny-refiner", refiner)
     p = make_p(steps=4, refiner_checkpoint_info=info, refiner_switch_at=0.5)
     conds = {}

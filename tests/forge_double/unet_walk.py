@@ -203,6 +203,12 @@ def sdpa_attention(q, k, v, heads):
     return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
+def float_output(out):
+    """The hosts' ``.float()`` on the UNet's output (fp16/bf16 up to fp32); float64 stays float64 here, as
+    the tests compare paths in float64 (``tests/exactness.py``)."""
+    return out if out.dtype == torch.float64 else out.float()
+
+
 def denoised_from_eps(x, sigma, eps):
     """k-diffusion eps parameterisation: ``x0 = x − σ·ε``."""
     return x - eps * sigma.reshape(-1, *([1] * (x.ndim - 1)))

@@ -803,7 +803,10 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             else:
                 x_samples_ddim = decode_latent_batch(p.sd_model, samples_ddim, target_device=torch.device("cpu"), check_for_nans=True)
 
-            x_samples_ddim = torch.stack([x.to("cpu") for x in x_samples_ddim]).float()
+            x_samples_ddim = torch.stack([x.to("cpu") for x in x_samples_ddim])
+            # upstream: .float() (a half VAE's output up to fp32); the double keeps float64, in which the
+            # tests compare paths (tests/exactness.py)
+            x_samples_ddim = x_samples_ddim if x_samples_ddim.dtype == torch.float64 else x_samples_ddim.float()
 
             del samples_ddim
             _torch_gc()

@@ -201,10 +201,11 @@ class TinyLatentDiffusion(torch.nn.Module):
         are padded to the longest with extra chunks, like the host's batch encoding."""
         n_chunks = max(max(1, math.ceil(len(str(t).split()) / WORDS_PER_CHUNK)) for t in texts) if len(texts) else 1
         rows = [self._encode_one(str(t), n_chunks) for t in texts]
-        device = self.alphas_cumprod.device
+        # on the UNet's device, in its dtype (float64 when a test compares paths in float64)
+        to = {"device": self.alphas_cumprod.device, "dtype": next(self.model.parameters()).dtype}
         if self.is_sdxl:
-            return {k: torch.stack([r[k] for r in rows]).to(device) for k in ("crossattn", "vector")}
-        return torch.stack(rows).to(device)
+            return {k: torch.stack([r[k] for r in rows]).to(**to) for k in ("crossattn", "vector")}
+        return torch.stack(rows).to(**to)
 
 
 def randomize_weights_(module: torch.nn.Module, seed: int, scale: float = 1.0):

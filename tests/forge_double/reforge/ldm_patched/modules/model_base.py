@@ -3,7 +3,7 @@
 import torch
 
 from ldm_patched.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from tests.forge_double.unet_walk import CALLS, c_in, denoised_from_eps, sigma_to_t
+from tests.forge_double.unet_walk import CALLS, c_in, denoised_from_eps, float_output, sigma_to_t
 
 
 class BaseModel(torch.nn.Module):
@@ -26,7 +26,8 @@ class BaseModel(torch.nn.Module):
         extra = {k: (v.to(dtype) if torch.is_tensor(v) and v.dtype not in (torch.int, torch.long) else v)
                  for k, v in kwargs.items()}
         eps = self.diffusion_model(xc, sigma_to_t(sigma).float(), context=context, control=control,
-                                   transformer_options=transformer_options, **extra).float()
+                                   transformer_options=transformer_options, **extra)
+        eps = float_output(eps)  # the hosts' .float() on the output; float64 stays float64 (tests/exactness.py)
         return denoised_from_eps(x, sigma, eps)
 
     def memory_required(self, input_shape, cond_shapes=None):
