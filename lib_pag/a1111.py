@@ -28,7 +28,7 @@ from .errors import PagError
 from .fork import forking
 from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, check_neighbors, read_params, write_infotext
+from .job import NEVER_CALLED, announce_refusal, check_neighbors, refuse_job, start_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
@@ -198,28 +198,34 @@ def refusal_for_model(sd_model) -> str | None:
 
 
 def start_job(p, args) -> Job | None:
-    """``process`` hook: validate, write infotext, register the job. Errors are reported, never raised."""
+    """``process`` hook: read the settings, write the infotext, register the job.
+
+    A bad setting while PAG is on — a value, or a layer the job's model does not have (the model is loaded
+    when ``process`` runs) — stops the job (``job.refuse_job``: the host shows the error, no image). A model
+    PAG cannot work on is refused with a ``PAG note`` (the image is made without PAG and says why)."""
     JOBS.end(p)
-    params, _ = read_params(p, args)
-    if params is None or not params.enabled:
+    params = start_params(p, args)
+    if params is None:
         return None
     seed = int(getattr(p, "seed", 0) or 0)
     job = JOBS.start(p, params, seed)
     import modules.shared as shared
 
-    reason, level = refusal_for_model(shared.sd_model), logging.WARNING
+    reason = refusal_for_model(shared.sd_model)
     if reason is None:
         try:
             selection = job.selection_for(shared.sd_model.model.diffusion_model)
         except PagError as err:
-            reason, level = str(err), logging.ERROR
-        else:
-            log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
-                     selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
-                     f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
+            JOBS.end(p)
+            write_infotext(p, PagParams())
+            refuse_job(p, err)
+            return None
+        log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
+                 selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
+                 f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
     if reason is not None:
         write_infotext(p, PagParams())
-        job.refuse(reason, level)
+        job.refuse(reason)
     return job
 
 

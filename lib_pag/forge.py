@@ -51,7 +51,8 @@ from typing import Callable
 import torch
 
 from . import forge_fork
-from .job import NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, read_params, write_infotext
+from .job import (NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, refusal_of, refuse_job, start_params,
+                  write_infotext)
 from .errors import PagError
 from .calls import PassCounter
 from .guidance import rescale_guided, scale_for_step
@@ -385,10 +386,37 @@ def end(p) -> None:
         delattr(p, JOB_ATTR)
 
 
-def _start(p, args) -> ForgeJob | None:
-    params, error = read_params(p, args)
+def start(p, args) -> ForgeJob | None:
+    """``process``: read and check the settings before the job samples anything.
+
+    Forge 2 and reForge load the job's model before ``process`` (Forge 2: ``manage_model_and_prompt_cache``),
+    so the layers are checked against it here. A bad setting while PAG is on stops the job
+    (``job.refuse_job``: the host shows the error where the image would be); ``apply`` then never runs.
+    """
+    sd_model = getattr(p, "sd_model", None)
+    if not hasattr(sd_model, "forge_objects"):
+        return None
+    job = _start(p, args, at_process=True)
+    unet = diffusion_model_of(sd_model)
+    if job.live and job.params.enabled and unet is not None and hasattr(unet, "input_blocks"):
+        try:
+            resolve_layers(job.params.layers, build_catalog(unet))
+        except PagError as err:
+            write_infotext(p, PagParams())
+            refuse_job(p, err)
+            job.refused = str(err)
+    return job
+
+
+def _start(p, args, at_process: bool = False) -> ForgeJob:
+    params = start_params(p, args)
     job = ForgeJob(p, params or PagParams(), host_api())
-    job.refused = error
+    error = refusal_of(p)
+    if error is not None:
+        if at_process:
+            job.refused = str(error)  # the job stops at p.sample; nothing else to say
+        else:  # already sampling: the image comes without PAG, and says why
+            job.refuse(str(error), logging.ERROR)
     setattr(p, JOB_ATTR, job)
     return job
 
@@ -711,4 +739,4 @@ def _separate(job: ForgeJob, args) -> torch.Tensor:
 
 
 __all__ = ["A1111", "FORGE2", "REFORGE", "ForgeJob", "HostApi", "PagRows", "apply", "detect_host", "diffusion_model_of", "end", "host_api",
-           "is_forge_host", "job_of"]
+           "is_forge_host", "job_of", "start"]

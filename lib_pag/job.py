@@ -8,7 +8,7 @@ import logging
 
 from .errors import PagError
 from .neighbors import neighbor_on
-from .params import PagParams, field_names, params_from_positional
+from .params import PagParams, canonical_key, field_names, params_from_positional
 
 log = logging.getLogger("sd_webui_pag")
 INFOTEXT_PREFIX = "PAG "
@@ -71,8 +71,56 @@ def write_infotext(p, params: PagParams) -> None:
     extra.update(params.to_infotext())
 
 
+def asks_for_pag(args, p=None) -> bool:
+    """Whether a job's args (or ``p.pag_enabled``) turn PAG on, read without judging the other settings: a
+    job that does not ask for PAG is never stopped by a bad PAG value it would not use."""
+    override = getattr(p, "pag_enabled", None) if p is not None else None
+    if override is not None:
+        return override is True or str(override).strip().lower() == "true"
+    if not args:
+        return False
+    first = args[0]
+    if isinstance(first, dict):
+        for key, value in first.items():
+            try:
+                if canonical_key(key) == "enabled":
+                    return value is not False and str(value).strip().lower() != "false"
+            except PagError:
+                continue
+        return False
+    return first is not False
+
+
+def start_params(p, args) -> PagParams | None:
+    """``process``: the job's settings, their infotext written; None when PAG is off for this job.
+
+    A bad value while PAG is on stops the job (``refuse_job``: an error where the image would be, the same
+    message as the API's 422) — never an image without the PAG the accordion shows. While PAG is off a bad
+    value is only logged at DEBUG. An X/Y/Z axis that turned PAG on (``xyz``) is said in a ``PAG note``.
+    """
+    clear_refusal(p)
+    try:
+        params = params_from_script_args(args, p)
+    except PagError as err:
+        write_infotext(p, PagParams())
+        if asks_for_pag(args, p):
+            refuse_job(p, err)
+        else:
+            log.debug("PAG is off; a setting it would use is bad: %s", err)
+        return None
+    write_infotext(p, params)
+    if not params.enabled:
+        return None
+    turned_on_by = getattr(p, XYZ_ENABLED_BY, None)
+    if turned_on_by:
+        note = f"turned on by the X/Y/Z axis {turned_on_by} (the PAG accordion is off)"
+        log.info("PAG: %s", note)
+        write_note(p, note, keep_settings=True)
+    return params
+
+
 def read_params(p, args) -> tuple[PagParams | None, str | None]:
-    """The job's settings with their infotext written; or None and the error, already reported."""
+    """The job's settings with their infotext written; or None and the error, already reported (log, comment)."""
     try:
         params = params_from_script_args(args, p)
     except PagError as err:
@@ -82,6 +130,55 @@ def read_params(p, args) -> tuple[PagParams | None, str | None]:
         return None, str(err)
     write_infotext(p, params)
     return params, None
+
+
+# --- stopping a job --------------------------------------------------------------------------------
+
+REFUSAL_MARK = "__pag_refusal__"
+XYZ_ENABLED_BY = "_pag_xyz_enabled_by"  # p attribute: the X/Y/Z axis label that turned PAG on for a grid
+
+
+class _RefusedSample:
+    """Stands in for ``p.sample`` of a refused job: raises the ``PagError`` instead of sampling."""
+
+    def __init__(self, error: PagError):
+        self.error = error
+        setattr(self, REFUSAL_MARK, True)
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+def refuse_job(p, err: PagError) -> None:
+    """Stop the job with ``err`` before it samples anything (the model is not touched).
+
+    The hosts run every script hook inside a ``try/except`` that only logs (A1111 1.7–1.10, Forge 2,
+    reForge ``modules/scripts.py: ScriptRunner.process``), so an error raised from ``process`` would still
+    give an image — without PAG. ``process_images_inner`` (``modules/processing.py``, every host) calls
+    ``p.sample`` outside any such guard, after every script's ``process``: for this processing object only,
+    ``p.sample`` raises ``err``. The host's own error path then runs: the UI's ``wrap_gradio_call``
+    (``modules/call_queue.py``) shows ``PagError: <message>`` in place of the image, the API's error handler
+    answers HTTP 422 with the message (``err.status_code``, ``detail``, ``body``), an X/Y/Z cell stays empty.
+    Logged at ERROR.
+    """
+    log.error("PAG: job stopped: %s", err)
+    # what the hosts' API error handler (modules/api/api.py: handle_exception) answers with: HTTP 422 and
+    # {"error": "PagError", "detail": <message>, "body": {field, value, allowed}, "errors": <message>}
+    err.status_code, err.detail, err.body = 422, str(err), err.as_dict()
+    p.sample = _RefusedSample(err)
+
+
+def clear_refusal(p) -> None:
+    """Undo ``refuse_job`` on a processing object the host runs again (the Loopback script does)."""
+    own = getattr(p, "__dict__", {}).get("sample")
+    if getattr(own, REFUSAL_MARK, False):
+        del p.__dict__["sample"]
+
+
+def refusal_of(p) -> PagError | None:
+    """The error ``refuse_job`` stopped this job with, or None."""
+    own = getattr(p, "__dict__", {}).get("sample")
+    return own.error if getattr(own, REFUSAL_MARK, False) else None
 
 
 def check_neighbors(p, params: PagParams, refuse) -> str | None:
@@ -103,5 +200,6 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
     return "separate"
 
 
-__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "announce_refusal", "check_neighbors", "comment", "params_from_script_args",
-           "read_params", "write_infotext", "write_note"]
+__all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "XYZ_ENABLED_BY", "announce_refusal", "asks_for_pag",
+           "check_neighbors", "clear_refusal", "comment", "refusal_of", "params_from_script_args", "read_params",
+           "refuse_job", "start_params", "write_infotext", "write_note"]

@@ -39,7 +39,9 @@ class PagScript(scripts.Script):
         return controls
 
     def process(self, p, *args):
-        if not forge.is_forge_host():  # Forge/reForge fire the CFG callbacks too, with another batch layout
+        if forge.is_forge_host():  # Forge/reForge fire the CFG callbacks too, with another batch layout
+            forge.start(p, args)
+        else:
             a1111.start_job(p, args)
 
     def process_batch(self, p, *args, **kwargs):

@@ -357,6 +357,40 @@ def test_bad_layer_is_refused_with_a_comment(host):
     check(host, params, results, 5.0, [0.0] * 3, strengths={})
 
 
+@pytest.mark.parametrize("args, message", [
+    ([{"enabled": True, "layers": "d9"}], "PAG layers: 'd9' does not exist in this SD1.x UNet"),
+    ([{"enabled": True, "layers": "zz"}], "PAG layers: 'zz' is not a layer name"),
+    ([{"enabled": True, "method": "noise", "noise_scale": 250}], "PAG noise scale: 250.0 is out of range"),
+    ([True, 3.0, "mid,up", "identity", 9.0, 1.0, 0.6, 0.5], "PAG start: 0.6 is not before the end"),
+])
+def test_a_bad_value_stops_the_job_at_process(host, args, message):
+    """``process`` (Forge/reForge have loaded the job's model by then): a bad setting while PAG is on stops the
+    job where the host samples (``p.sample`` raises the PagError, which the host shows as its error), before
+    anything touched the patcher — never an image without the PAG that was asked for."""
+    from lib_pag import PagError
+
+    p = Processing(SdModel(host.patcher), args, host.denoiser)
+    before = p.sd_model.forge_objects.unet
+    job = forge.start(p, p.script_args)
+    assert job is not None and not job.live
+    with pytest.raises(PagError) as raised:
+        p.sample()
+    assert str(raised.value).startswith(message)
+    assert raised.value.status_code == 422 and raised.value.body["field"] == message.split(":")[0]
+    assert p.sd_model.forge_objects.unet is before and not any(k.startswith("PAG ") for k in p.extra_generation_params)
+
+
+def test_process_leaves_a_good_or_disabled_job_to_sample(host):
+    for args in ([pag().to_dict()], [{"enabled": False, "layers": "zz"}]):
+        p = Processing(SdModel(host.patcher), args, host.denoiser)
+        forge.start(p, p.script_args)
+        assert "sample" not in p.__dict__
+    p = Processing(SdModel(host.patcher), [pag(layers="m0").to_dict()], host.denoiser, steps=3)
+    forge.start(p, p.script_args)
+    p, results = run(host, pag(layers="m0"), p=p)  # apply reuses the job process started
+    assert p.extra_generation_params["PAG layers"] == "m0" and forge.job_of(p).log
+
+
 def test_disabled_or_no_forge_objects_does_nothing(host):
     p = Processing(SdModel(host.patcher), [PagParams().to_dict()], host.denoiser)
     p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
