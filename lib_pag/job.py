@@ -15,6 +15,7 @@ INFOTEXT_PREFIX = "PAG "
 NEVER_CALLED = ("the UNet ran without calling the chosen attn1 modules (a UNet engine such as TensorRT, or an "
                 "extension that replaced them): there is no self-attention for PAG to perturb")
 NOTE_KEY = "PAG note"  # infotext: why PAG did not run, or ran differently than asked (paste ignores it)
+XYZ_ENABLED_BY = "_pag_xyz_enabled_by"  # p attribute: the X/Y/Z axis label that turned PAG on for a grid
 
 
 def announce_refusal(p, reason: str, level: int = logging.WARNING) -> None:
@@ -49,17 +50,22 @@ def comment(p, text: str) -> None:
             pass
 
 
-def params_from_script_args(args, p=None) -> PagParams:
-    """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts)."""
+def params_from_script_args(args, p=None, extra: dict | None = None, *, xyz: bool = True) -> PagParams:
+    """Positional UI/API args or a single dict; then ``p.pag_<field>`` overrides (X/Y/Z, other scripts), then
+    ``extra`` (field → value; the X/Y/Z check's cell values). ``xyz``: an X/Y/Z axis that turned PAG on for
+    the grid (``XYZ_ENABLED_BY``) turns it on here, unless ``p.pag_enabled`` or ``extra`` say otherwise."""
     if len(args) >= 1 and isinstance(args[0], dict):
         params = PagParams.from_dict(args[0])
     else:
         params = params_from_positional(args)
     overrides = {}
+    if xyz and p is not None and getattr(p, XYZ_ENABLED_BY, None):
+        overrides["enabled"] = True
     for name in field_names():
         value = getattr(p, f"pag_{name}", None) if p is not None else None
         if value is not None:
             overrides[name] = value
+    overrides.update(extra or {})
     if overrides:
         params = params.with_overrides(**overrides)
     return params
@@ -71,12 +77,15 @@ def write_infotext(p, params: PagParams) -> None:
     extra.update(params.to_infotext())
 
 
-def asks_for_pag(args, p=None) -> bool:
-    """Whether a job's args (or ``p.pag_enabled``) turn PAG on, read without judging the other settings: a
-    job that does not ask for PAG is never stopped by a bad PAG value it would not use."""
+def asks_for_pag(args, p=None, *, xyz: bool = True) -> bool:
+    """Whether a job's args (or ``p.pag_enabled``, or an X/Y/Z axis that turned PAG on) turn PAG on, read
+    without judging the other settings: a job that does not ask for PAG is never stopped by a bad PAG value
+    it would not use."""
     override = getattr(p, "pag_enabled", None) if p is not None else None
     if override is not None:
         return override is True or str(override).strip().lower() == "true"
+    if xyz and p is not None and getattr(p, XYZ_ENABLED_BY, None):
+        return True
     if not args:
         return False
     first = args[0]
@@ -112,7 +121,7 @@ def start_params(p, args) -> PagParams | None:
     if not params.enabled:
         return None
     turned_on_by = getattr(p, XYZ_ENABLED_BY, None)
-    if turned_on_by:
+    if turned_on_by and not asks_for_pag(args, p, xyz=False):
         note = f"turned on by the X/Y/Z axis {turned_on_by} (the PAG accordion is off)"
         log.info("PAG: %s", note)
         write_note(p, note, keep_settings=True)
@@ -135,7 +144,6 @@ def read_params(p, args) -> tuple[PagParams | None, str | None]:
 # --- stopping a job --------------------------------------------------------------------------------
 
 REFUSAL_MARK = "__pag_refusal__"
-XYZ_ENABLED_BY = "_pag_xyz_enabled_by"  # p attribute: the X/Y/Z axis label that turned PAG on for a grid
 
 
 class _RefusedSample:

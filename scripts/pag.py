@@ -8,6 +8,7 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 
 from lib_pag import a1111, api, forge, xyz
+from lib_pag.layers import build_catalog
 from lib_pag.ui import build_ui, fill_pasted_params
 
 try:
@@ -97,11 +98,29 @@ def _authorized(headers):
     return user in credentials and hmac.compare_digest(password, credentials[user])
 
 
+def _job_args(p):
+    """This job's PAG args: its slice of ``p.script_args`` (the runner's ``args_from:args_to`` for this script)."""
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
+        if script.title() == TITLE and hasattr(script, "args_from"):
+            return tuple(p.script_args[script.args_from:script.args_to])
+    return None
+
+
+def _grid_catalog(p):
+    """The layer catalog an X/Y/Z grid's cells will use: the loaded model's, unless the job switches checkpoints."""
+    overrides = getattr(p, "override_settings", None) or {}
+    name = overrides.get("sd_model_checkpoint")
+    if name and not _is_loaded_checkpoint(name):
+        return None
+    unet = _current_unet()
+    return build_catalog(unet) if unet is not None and hasattr(unet, "input_blocks") else None
+
+
 def _on_app_started(_demo, app):
     api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized))
 
 
 a1111.register_callbacks()
 script_callbacks.on_app_started(_on_app_started)
-script_callbacks.on_before_ui(lambda: xyz.register(scripts))
+script_callbacks.on_before_ui(lambda: xyz.register(scripts, _job_args, _grid_catalog))
 script_callbacks.on_infotext_pasted(fill_pasted_params)
