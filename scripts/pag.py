@@ -7,8 +7,7 @@ import gradio as gr
 
 from modules import script_callbacks, scripts, shared
 
-from lib_pag import a1111, api, forge, xyz
-from lib_pag.layers import build_catalog
+from lib_pag import a1111, api, checkpoints, forge, xyz
 from lib_pag.ui import build_ui, fill_pasted_params
 
 try:
@@ -19,11 +18,45 @@ except ImportError:  # A1111 < 1.7
 TITLE = "PAG"
 
 
-def _current_unet():
-    model = getattr(shared, "sd_model", None)
+def _loaded_model():
+    """The model in memory, without loading one: A1111's ``shared.sd_model`` loads the selected checkpoint
+    on first access, its ``model_data.sd_model`` does not (None until loaded; Forge 2: a placeholder)."""
+    try:
+        from modules import sd_models
+
+        return sd_models.model_data.sd_model
+    except (ImportError, AttributeError):
+        return getattr(shared, "sd_model", None)
+
+
+def _current_unet(model=None):
+    model = _loaded_model() if model is None else model
     if forge.is_forge_host():
         return forge.diffusion_model_of(model)
     return getattr(getattr(model, "model", None), "diffusion_model", None)
+
+
+def _selected_checkpoint_file():
+    """The file of the checkpoint the next job loads: Forge 2's loading parameters (what
+    ``forge_model_reload`` loads), else the ``sd_model_checkpoint`` setting; None when unknown."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return None
+    params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None)
+    info = params.get("checkpoint_info") if isinstance(params, dict) else None
+    if info is None:
+        name = getattr(shared.opts, "sd_model_checkpoint", None)
+        info = getattr(sd_models, "checkpoint_aliases", {}).get(name) if name else None
+    return getattr(info, "filename", None)
+
+
+def _job_model():
+    """What the accordion describes: the model the next job will use (``checkpoints.next_job_model``)."""
+    model = _loaded_model()
+    info = getattr(model, "sd_checkpoint_info", None)
+    return checkpoints.next_job_model(_current_unet(model), getattr(info, "filename", None) or getattr(model, "filename", None),
+                                      _selected_checkpoint_file())
 
 
 class PagScript(scripts.Script):
@@ -36,7 +69,7 @@ class PagScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        controls, self.infotext_fields, self.paste_field_names = build_ui(gr, InputAccordion, self.elem_id, _current_unet)
+        controls, self.infotext_fields, self.paste_field_names = build_ui(gr, InputAccordion, self.elem_id, _job_model)
         return controls
 
     def process(self, p, *args):
@@ -112,12 +145,12 @@ def _grid_catalog(p):
     name = overrides.get("sd_model_checkpoint")
     if name and not _is_loaded_checkpoint(name):
         return None
-    unet = _current_unet()
-    return build_catalog(unet) if unet is not None and hasattr(unet, "input_blocks") else None
+    return _job_model().catalog
 
 
 def _on_app_started(_demo, app):
-    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized))
+    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized,
+                                                   job_catalog=lambda: _job_model().catalog))
 
 
 a1111.register_callbacks()

@@ -11,6 +11,7 @@ small fixed sizes); the images are the latents drawn as small RGB pictures (the 
 import html
 from contextlib import closing
 
+import gradio as gr
 import numpy as np
 from PIL import Image
 
@@ -24,7 +25,7 @@ def plaintext_to_html(text, classname=None):
     return f"<p class='{classname}'>{content}</p>" if classname else f"<p>{content}</p>"
 
 
-def txt2img_create_processing(id_task, request, prompt, negative_prompt, *args):
+def txt2img_create_processing(id_task: str, request: gr.Request, prompt: str, negative_prompt: str, *args):
     """Mirrors ``txt2img.txt2img_create_processing`` (prompt, negative prompt, then the script args)."""
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt=negative_prompt, width=64, height=64,
                                                     steps=3, sampler_name="Euler", seed=11, cfg_scale=5.0)
@@ -41,7 +42,7 @@ def _picture(latent) -> Image.Image:
     return Image.fromarray(a.transpose(1, 2, 0).astype(np.uint8)).resize((a.shape[2] * 8, a.shape[1] * 8))
 
 
-def txt2img(id_task, request, *args):
+def txt2img(id_task: str, request: gr.Request, *args):
     """Mirrors ``txt2img.txt2img``."""
     p = txt2img_create_processing(id_task, request, *args)
     with closing(p):
