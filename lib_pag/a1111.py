@@ -28,7 +28,7 @@ from .errors import PagError
 from .fork import forking
 from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, rescale_guided, scale_for_step
-from .job import NEVER_CALLED, announce_refusal, check_neighbors, refuse_job, start_params, write_infotext
+from .job import NEVER_CALLED, announce_refusal, check_neighbors, job_summary, refuse_job, start_params, write_infotext
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .patch import AttentionPatch, RowMarks
@@ -74,6 +74,11 @@ class Job:
     # step's PAG term was dropped (a refusal or a lost batch after the rows were added)
     twins: tuple | None = None
     counter: PassCounter = field(default_factory=PassCounter)  # where a call stands in its sampling pass
+    # for the job's console line: denoiser calls, those with PAG rows, perturbed rows, row layouts used
+    calls: int = 0
+    calls_with_pag: int = 0
+    perturbed_rows: int = 0
+    layouts: set = field(default_factory=set)
 
     @property
     def p(self):
@@ -220,13 +225,40 @@ def start_job(p, args) -> Job | None:
             write_infotext(p, PagParams())
             refuse_job(p, err)
             return None
-        log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
-                 selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
-                 f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "")
+        log.debug("PAG start: scale %g, %s on %s (%d attn1: %s), %s mode", params.scale, params.method,
+                  selection.catalog.arch, len(selection.chosen), params.layers, params.mode)
     if reason is not None:
         write_infotext(p, PagParams())
         job.refuse(reason)
     return job
+
+
+def end_job(p) -> None:
+    """``postprocess``: the job's one console line (INFO, ``job.job_summary``), then drop the job. A refused
+    job said why in its own WARNING/ERROR line already."""
+    job = JOBS.get(p)
+    if job is not None and job.params.enabled and not job.refused:
+        selection = next((found for _, found in job.selections.values() if isinstance(found, LayerSelection)), None)
+        log.info("%s", job_summary(
+            job.params, arch=selection.catalog.arch if selection else "?", n_layers=len(selection.chosen) if selection else 0,
+            modes=job.layouts, calls_with_pag=job.calls_with_pag, calls=job.calls, rows=job.perturbed_rows,
+            fork=fork_text(job.params, selection, job.checked_mode)))
+    JOBS.end(p)
+
+
+def fork_text(params: PagParams, selection, mode) -> str:
+    """Where the shared-prefix fork splits the batch for this job, or why it does not (``fork.forking``
+    can still turn it off per call: another extension's forward or hooks; DEBUG lines say so)."""
+    import os
+
+    from .fork import DISABLE_ENV, first_perturbed_stage
+
+    if (mode or params.mode) == "separate":
+        return "no fork (separate mode)"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"no fork ({DISABLE_ENV} is set)"
+    point = first_perturbed_stage(selection)
+    return f"fork before {point}" if point is not None else "no fork (the first perturbed layer is on the down path)"
 
 
 def start_batch(p, seeds) -> None:
@@ -295,6 +327,7 @@ def on_cfg_denoiser(params) -> None:
     job.twins = None
     if job.refused or not job.params.enabled:
         return
+    job.calls += 1
     if den is None:
         job.refuse("cannot find the sampler's CFG denoiser on this WebUI version")
         return
@@ -348,6 +381,8 @@ def on_cfg_denoiser(params) -> None:
         call.x_in, call.mask, call.twins = params.x, perturbed_mask(n_cond, batch), True
         job.twins = (den, n_cond, params.x.shape[0])
     job.call = call
+    job.calls_with_pag, job.perturbed_rows = job.calls_with_pag + 1, job.perturbed_rows + n_cond
+    job.layouts.add(layout)
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
     if log.isEnabledFor(logging.DEBUG):
@@ -578,6 +613,6 @@ def register_callbacks() -> None:
 
 
 __all__ = [
-    "JOBS", "Job", "JobRegistry", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "refusal_for_model",
+    "JOBS", "Job", "JobRegistry", "end_job", "on_cfg_after_cfg", "on_cfg_denoised", "on_cfg_denoiser", "refusal_for_model",
     "register_callbacks", "start_batch", "start_job",
 ]

@@ -51,8 +51,8 @@ from typing import Callable
 import torch
 
 from . import forge_fork
-from .job import (NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, refusal_of, refuse_job, start_params,
-                  write_infotext)
+from .job import (NEVER_CALLED, NOTE_KEY, announce_refusal, check_neighbors, job_summary, refusal_of, refuse_job,
+                  start_params, write_infotext)
 from .errors import PagError
 from .calls import PassCounter
 from .guidance import rescale_guided, scale_for_step
@@ -258,6 +258,8 @@ class ForgeJob:
         self.calls = 0  # denoiser calls seen in this pass (schedule fallback)
         self.pass_counter = PassCounter()  # where a call stands in its sampling pass (the step window)
         self.log: list = []  # (step, total, sigma, scale, how) per post-CFG call: for debugging and tests
+        self.perturbed_rows = 0  # perturbed rows computed over the job (the console line)
+        self.fork_off: str | None = None  # why the shared-prefix fork is off on a host that has one
 
     @property
     def p(self):
@@ -370,15 +372,23 @@ def apply(p, args) -> ForgeJob | None:
     _install(clone, job)
     sd_model.forge_objects.unet = clone
     _note_refiner(p)
-    log.info("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s", job.host.kind, job.params.scale, job.params.method,
+    log.debug("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s", job.host.kind, job.params.scale, job.params.method,
              job.selection.catalog.arch, len(job.selection.chosen), job.params.layers, _mode(job),
              ", hires pass" if getattr(p, "is_hr_pass", False) else "")
     return job
 
 
 def end(p) -> None:
-    """``postprocess``: drop the job; functions still installed on a patcher become pass-throughs."""
+    """``postprocess``: the job's one console line (INFO, ``job.job_summary``; a refused job said why in its
+    own line already), then drop the job; functions still installed on a patcher become pass-throughs."""
     job = job_of(p)
+    if job is not None and job.live and job.params.enabled and job.selection is not None and job.log:
+        used = [how for *_, scale, how in job.log if scale]
+        fork = (f"fork before {job.fork_point}" if job.fork_point is not None else
+                f"no fork ({job.fork_off or ('separate mode' if _mode(job) == 'separate' else 'the first perturbed layer is on the down path')})")
+        log.info("%s", job_summary(job.params, arch=job.selection.catalog.arch, n_layers=len(job.selection.chosen),
+                                   modes=used or [_mode(job)], calls_with_pag=len(used), calls=len(job.log),
+                                   rows=job.perturbed_rows, fork=fork))
     if job is not None:
         job.active = False
         job.step = None
@@ -449,8 +459,8 @@ def _install(unet, job: ForgeJob) -> None:
         if job.fork_point is not None and job.host.fork == "object_patch":
             reason = forge_fork.install_object_patch(unet, lambda: job.live)
             if reason is not None:
-                log.info("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
-                job.fork_point = None
+                log.debug("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
+                job.fork_point, job.fork_off = None, reason
         wrapper = _make_unet_wrapper(job, options.get("model_function_wrapper"))
         unet.set_model_unet_function_wrapper(wrapper)
         if job.host.gate == "pre_cfg":
@@ -711,6 +721,8 @@ def _make_post_cfg(job: ForgeJob):
         if job.params.rescale:
             guided = rescale_guided(guided, cond_denoised.float(), job.params.rescale)
         job.log.append((n, total, sigma, scale, how))
+        job.perturbed_rows += (sum(int(e.input_x.shape[0]) for e in step.entries) if how == "batched"
+                               else int(args["input"].shape[0]) * max(1, len(args.get("cond") or ())))
         return guided.to(denoised.dtype)
 
     return _tag(post_cfg, job)

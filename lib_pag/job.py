@@ -71,6 +71,19 @@ def params_from_script_args(args, p=None, extra: dict | None = None, *, xyz: boo
     return params
 
 
+def job_summary(params: PagParams, *, arch: str, n_layers: int, modes, calls_with_pag: int, calls: int,
+                rows: int, fork: str) -> str:
+    """The one console line a PAG job ends with (INFO): what PAG did.
+
+    ``modes``: how the perturbed rows ran (``batched``, ``uncond slot``, ``separate``); ``calls`` /
+    ``calls_with_pag``: the job's model calls (denoiser calls; hires passes included) and those with PAG;
+    ``rows``: perturbed rows computed over the job; ``fork``: the shared-prefix fork point, or why none."""
+    modes = ", ".join(sorted(set(modes))) or params.mode
+    window = f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0.0, 1.0) else ""
+    return (f"PAG done: scale {params.scale:g}, layers {params.layers} ({n_layers} attn1 on {arch}), {params.method}, "
+            f"{modes}{window}; {calls_with_pag} of {calls} model calls with PAG, {rows} perturbed rows; {fork}")
+
+
 def write_infotext(p, params: PagParams) -> None:
     extra = p.extra_generation_params
     _drop_pag_keys(extra)
@@ -209,5 +222,5 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
 
 
 __all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "XYZ_ENABLED_BY", "announce_refusal", "asks_for_pag",
-           "check_neighbors", "clear_refusal", "comment", "refusal_of", "params_from_script_args", "read_params",
+           "check_neighbors", "clear_refusal", "comment", "job_summary", "refusal_of", "params_from_script_args", "read_params",
            "refuse_job", "start_params", "write_infotext", "write_note"]

@@ -7,7 +7,7 @@ import gradio as gr
 
 from modules import script_callbacks, scripts, shared
 
-from lib_pag import a1111, api, checkpoints, forge, xyz
+from lib_pag import a1111, api, checkpoints, console, forge, xyz
 from lib_pag.ui import build_ui, fill_pasted_params
 
 try:
@@ -86,7 +86,7 @@ class PagScript(scripts.Script):
             forge.apply(p, args)  # runs 2–3× per batch with hires; idempotent
 
     def postprocess(self, p, processed, *args):
-        a1111.JOBS.end(p)
+        a1111.end_job(p)
         forge.end(p)
 
 
@@ -153,6 +153,7 @@ def _on_app_started(_demo, app):
                                                    job_catalog=lambda: _job_model().catalog))
 
 
+console.show_on_console()  # PAG's one line per job, also under the hosts' default (unconfigured) logging
 a1111.register_callbacks()
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_before_ui(lambda: xyz.register(scripts, _job_args, _grid_catalog))

@@ -369,7 +369,38 @@ def test_debug_log_names_scale_rows_and_layers(webui, caplog):
     assert len(steps) == 4
     assert "scale 3, 1 perturbed rows (batched), layers m0.0,u0.0" in steps[0]
     assert "scale 0, no extra rows" in steps[3]
-    assert any(r.getMessage().startswith("PAG on: scale 3") for r in caplog.records)
+    done = [r for r in caplog.records if r.getMessage().startswith("PAG done:")]
+    assert len(done) == 1 and done[0].levelno == logging.INFO
+    assert done[0].getMessage() == ("PAG done: scale 3, layers m0,u0 (2 attn1 on SD1.x), identity, batched, window 0-0.5; "
+                                    "2 of 4 model calls with PAG, 2 perturbed rows; fork before middle_block[1]")
+
+
+def test_one_console_line_per_job_under_the_hosts_default_logging(webui, monkeypatch):
+    """A1111/Forge configure logging only with --loglevel / SD_WEBUI_LOG_LEVEL; by default Python prints
+    WARNING and above only. PAG's summary line must still reach the console: exactly one per job."""
+    import io
+
+    from lib_pag import console
+
+    logger = logging.getLogger(console.LOGGER)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the hosts' default: nothing configured
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    out = io.StringIO()
+    assert console.show_on_console(stream=out) and not console.show_on_console(stream=out)
+    run([{"enabled": True, "layers": "mid", "scale": 2.5}], steps=3)
+    run([False])
+    run([{"enabled": True, "layers": "d0", "mode": "separate"}], steps=2)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[sd-webui-pag] INFO: PAG done: scale 2.5, layers mid (1 attn1 on SD1.x), identity, batched; "
+        "3 of 3 model calls with PAG, 3 perturbed rows; fork before middle_block[1]",
+        "[sd-webui-pag] INFO: PAG done: scale 3, layers d0 (1 attn1 on SD1.x), identity, separate; "
+        "2 of 2 model calls with PAG, 2 perturbed rows; no fork (separate mode)",
+    ], lines
+    logging.getLogger().handlers.append(logging.NullHandler())  # the user chose a level: the host decides
+    run([{"enabled": True}], steps=2)
+    assert len(out.getvalue().splitlines()) == 2
 
 
 @pytest.mark.parametrize("values, message", [

@@ -499,3 +499,20 @@ def test_regional_prompter_switches_pag_to_separate_or_off(host, calc_mode):
         assert extra["PAG note"].startswith("separate mode: Regional Prompter (Attention mode)")
         assert all(how == "separate" for *_, how in job.log)
         check(host, params, results, 5.0, [3.0] * 3)
+
+
+def test_one_info_line_per_job_says_what_pag_did(host, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        p, _ = run(host, pag(layers="m0", end=0.6), batch=2, hires=True)
+        forge.end(p)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == [f"PAG done: scale 3, layers m0 (1 attn1 on SD1.x), identity, batched, window 0-0.6; 2 of 3 model calls "
+                    f"with PAG, 4 perturbed rows; fork before middle_block"], info
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        caplog.clear()
+        p, _ = run(host, pag(layers="d1", mode="separate"))
+        forge.end(p)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 1 and "separate; 3 of 3 model calls with PAG, 3 perturbed rows; no fork (separate mode)" in info[0], info
