@@ -205,9 +205,16 @@ def refusal_of(p) -> PagError | None:
 def check_neighbors(p, params: PagParams, refuse) -> str | None:
     """Once per job, after every script's ``process`` ran: a known extension that cannot share a batch
     (``neighbors.KNOWN``) switches PAG to separate mode — returned as ``"separate"``, with a WARNING, the
-    infotext saying the mode PAG ran in and a ``PAG note`` — or off, through ``refuse(reason)``. None otherwise."""
+    infotext saying the mode PAG ran in and a ``PAG note`` — or off, through ``refuse(reason)``; one that
+    only makes the combination suspect (``warn``: Forge's own PAG) gets a WARNING and a ``PAG note`` while PAG
+    runs as asked. None otherwise."""
     neighbor = neighbor_on(getattr(p, "extra_generation_params", None))
     if neighbor is None:
+        return None
+    if neighbor.action == "warn":
+        note = f"{neighbor.name} is on too: {neighbor.why}"
+        log.warning("PAG: %s", note)
+        write_note(p, note, keep_settings=True)
         return None
     if neighbor.action == "refuse":
         refuse(f"{neighbor.name} is on: {neighbor.why}")

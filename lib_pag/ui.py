@@ -23,6 +23,49 @@ from .params import (
 log = logging.getLogger("sd_webui_pag")
 
 
+# Hover hints, one per control (keys: PagParams fields and the accordion's other pieces). The hosts show a
+# component's ``webui_tooltip`` as the ``title`` of its element (A1111 1.10 / Forge 2
+# ``modules/gradio_extens*ons.py: Block_get_config`` puts it into the page config, ``javascript/hints.js``
+# sets it on the element with that ``elem_id`` at load). The attribute is set after the component is made,
+# so plain gradio (no host) simply ignores it.
+HINTS = {
+    "enabled": "Perturbed-Attention Guidance: also predict with the self-attention of the chosen layers replaced "
+               "by the identity, and steer away from that degraded prediction. Costs about a third of a UNet pass per step.",
+    "preset": "Sets PAG scale and layers to a tested pair; Custom keeps what you set.",
+    "scale": "PAG scale s: how strongly to steer away from the perturbed prediction (0–100, typically 2–5; 0 = no effect).",
+    "groups": "Perturb whole parts of the UNet; kept in sync with the layer text.",
+    "layers": "Self-attention layers to perturb: down, mid, up, all; names such as m0, u3, d1-d3, m0.2-9; module "
+              "paths; ':0.5' after an entry for half strength. The line below checks it against the model the next job uses.",
+    "status": "What the layer text selects on the model the next job will use, or what is wrong with it.",
+    "layer_map": "The UNet's attention blocks (down, mid, up); the filled cells are perturbed.",
+    "method": "identity: the paper's PAG (the attention returns V); blur: blur the queries over the token grid; "
+              "noise: Gaussian noise on the attention logits.",
+    "blur_sigma": "blur only: Gaussian sigma in tokens (≥ 1e6 means infinite: every query becomes the mean query).",
+    "noise_scale": "noise only: standard deviation of the noise added to the attention logits (0–100).",
+    "start": "First model call with PAG, as a fraction of the model calls of the sampling pass (0–1).",
+    "end": "PAG stops at this fraction of the pass's model calls (0–1, above start).",
+    "sigma_start": "PAG only while the sampler's sigma is at most this; 0 = no bound.",
+    "sigma_end": "PAG only while sigma is at least this (below sigma start); 0 = no bound. About 0.7 helps "
+                 "against striped noise with ancestral samplers.",
+    "schedule": "The scale over the window: constant, or a linear or cosine decay to 0 at the end.",
+    "rescale": "Guidance rescale (0–1): brings each image's spread back to the conditional prediction's; "
+               "against over-saturated images.",
+    "hires": "The hires-fix pass: same settings, its own scale, or no PAG.",
+    "hires_scale": "The PAG scale of the hires pass when PAG hires is 'own' (0–100).",
+    "mode": "batched: the perturbed rows join the CFG batch (fastest); separate: an extra UNet call for them (least memory).",
+    "schedule_plot": "The PAG scale at each of 20 steps (and of a hires pass that has its own setting).",
+}
+
+
+def _hint(component, name: str):
+    """Give ``component`` the hosts' hover hint ``HINTS[name]`` (the InputAccordion's accordion too)."""
+    component.webui_tooltip = HINTS[name]
+    accordion = getattr(component, "accordion", None)
+    if accordion is not None:
+        accordion.webui_tooltip = HINTS[name]
+    return component
+
+
 def job_model_view(model) -> ModelView:
     """What a host lookup answered, as a ``ModelView``: a view as is, a UNet module as the loaded model,
     None as not known yet."""
@@ -230,6 +273,9 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
                 "noise_scale": noise_scale, "start": start, "end": end, "sigma_start": sigma_start,
                 "sigma_end": sigma_end, "schedule": schedule, "rescale": rescale, "hires": hires,
                 "hires_scale": hires_scale, "mode": mode}
+    for name, component in {**controls, "preset": preset, "groups": groups, "status": status, "layer_map": layer_map,
+                            "schedule_plot": schedule_plot}.items():
+        _hint(component, name)
     ordered = [controls[name] for name in field_names()]
 
     def on_preset(name):
@@ -266,5 +312,5 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
     return ordered, infotext_fields, paste_field_names
 
 
-__all__ = ["build_ui", "fill_pasted_params", "groups_in", "job_model_view", "layer_map_html", "reply_json",
+__all__ = ["HINTS", "build_ui", "fill_pasted_params", "groups_in", "job_model_view", "layer_map_html", "reply_json",
            "schedule_html", "validation_message", "with_groups"]

@@ -516,3 +516,24 @@ def test_one_info_line_per_job_says_what_pag_did(host, caplog):
         forge.end(p)
     info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(info) == 1 and "separate; 3 of 3 model calls with PAG, 3 perturbed rows; no fork (separate mode)" in info[0], info
+
+
+def test_forges_own_pag_next_to_this_one_is_said_in_the_log_and_the_infotext(host, caplog):
+    """Forge 2's "PerturbedAttentionGuidance Integrated" (sorting priority 13: its hook runs before PAG's)
+    writes pagi_enabled; ticking both applies PAG twice — allowed, but never silently."""
+    import logging
+
+    params = pag()
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=3)
+    p.extra_generation_params.update({"pagi_enabled": True, "pagi_scale": 3.0})
+    with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
+        p, results = run(host, params, p=p)
+    note = p.extra_generation_params["PAG note"]
+    assert note.startswith("Forge's PerturbedAttentionGuidance Integrated is on too") and "applied twice" in note
+    assert p.extra_generation_params["PAG scale"] == "3"  # PAG ran as asked
+    assert "applied twice" in caplog.text
+    check(host, params, results, 5.0, [3.0] * 3)
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=3)
+    p.extra_generation_params.update({"pagi_enabled": False})
+    p, _ = run(host, params, p=p)
+    assert "PAG note" not in p.extra_generation_params

@@ -76,3 +76,17 @@ def test_opening_the_accordion_redraws_the_map_for_the_loaded_model():
     assert reply["for"] == "mid" and reply["groups"] == ["mid"]
     assert "SDXL" in reply["map"] and "SD1.x" not in reply["map"]
     assert "SDXL" in reply["status"]
+
+
+def test_every_pag_control_has_a_hover_hint():
+    """The hosts show ``webui_tooltip`` as the element's title (hints.js); every control and the accordion get one."""
+    import gradio as gr
+    from lib_pag.params import field_names
+    from lib_pag.ui import HINTS, build_ui
+
+    with gr.Blocks() as demo:
+        controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}")
+    assert [c.webui_tooltip for c in controls] == [HINTS[name] for name in field_names()]
+    hinted = {c.elem_id for c in demo.blocks.values() if getattr(c, "webui_tooltip", None)}
+    assert {f"pag_{n}" for n in ("preset", "groups", "status", "layer_map", "schedule_plot", "scale", "layers")} <= hinted
+    assert all(len(text) > 20 for text in HINTS.values())

@@ -235,6 +235,8 @@ def run_checks():
             if isinstance(control, (gr.Dropdown, gr.Radio)):
                 choices = [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in control.choices]
                 c.check(control.value in choices, pre + f"{name}: default {control.value!r} not among {choices}")
+        c.check(all(getattr(x, "webui_tooltip", None) for x in controls) and getattr(by_name["enabled"].accordion, "webui_tooltip", None),
+                pre + "a control without its hover hint (webui_tooltip, which Forge's hints.js shows as the title)")
         enabled = by_name["enabled"]
         c.check(isinstance(enabled, gr.Checkbox) and enabled.visible is False, pre + "enabled is not a hidden gr.Checkbox")
         c.check(enabled.elem_id == f"script_{tab}_pag_enabled-checkbox", pre + f"enabled elem_id {enabled.elem_id!r}")
