@@ -1,11 +1,12 @@
 """PAG's log lines on the console under the hosts' default logging.
 
 A1111 1.7–1.10 and Forge 2 configure Python logging only when asked (``--loglevel`` or the environment
-variable ``SD_WEBUI_LOG_LEVEL``; ``modules/logging_config.py: setup_logging`` adds a root handler then).
-By default nothing is configured, so Python's last-resort handler prints WARNING and above only, and an
-INFO line such as PAG's per-job summary would never appear. ``show_on_console`` fixes that for PAG's
-logger alone, and only while the host configured nothing: once a root handler exists (the user chose a
-level), the host's configuration decides, exactly as for every other logger.
+variable ``SD_WEBUI_LOG_LEVEL``; ``modules/logging_config.py: setup_logging`` adds a root handler at that
+level then). By default nothing is configured: the root level is WARNING, so an INFO line such as PAG's
+per-job summary is dropped before any handler sees it — either by Python's last-resort handler or, once
+some module called ``logging.warning(...)`` (which runs ``basicConfig()``; A1111's sampler autocorrection
+does), by that default handler at WARNING. ``show_on_console`` fixes that for PAG's logger alone, unless
+the user chose a level: then the host's configuration decides, exactly as for every other logger.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ class _WhileUnconfigured(logging.Filter):
         return not logging.getLogger().handlers
 
 
-def show_on_console(logger: logging.Logger | None = None, stream=None) -> bool:
-    """Print PAG's INFO and above on stdout (like the hosts' own messages) while logging is unconfigured.
+def show_on_console(level_chosen: bool = False, logger: logging.Logger | None = None, stream=None) -> bool:
+    """Show PAG's INFO and above on the console unless the user chose a log level (``level_chosen``).
 
-    Sets the logger's level to INFO only if it has none (``setLevel(logging.DEBUG)`` from a startup script
-    still works) and the root logger has no handler at call time; idempotent. Returns whether it did.
-    Records still propagate, so pytest's ``caplog`` and any handler added later see them.
+    Sets the logger's level to INFO when it has none (``setLevel(logging.DEBUG)`` from a startup script still
+    works) and adds a stdout handler that prints only while the root logger has no handler of its own —
+    once it has one (``basicConfig``, a test's capture), the records reach the console through it instead,
+    so nothing prints twice. Records always propagate (pytest's ``caplog`` sees them). Idempotent; returns
+    whether it changed anything.
     """
     logger = logger or logging.getLogger(LOGGER)
-    if any(getattr(h, "_pag_console", False) for h in logger.handlers):
+    if level_chosen or any(getattr(h, "_pag_console", False) for h in logger.handlers):
         return False
-    if logging.getLogger().handlers:
-        return False  # the host (or the user) configured logging: its level and handlers decide
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(_WhileUnconfigured())

@@ -183,10 +183,15 @@ def refuse_job(p, err: PagError) -> None:
     Logged at ERROR.
     """
     log.error("PAG: job stopped: %s", err)
-    # what the hosts' API error handler (modules/api/api.py: handle_exception) answers with: HTTP 422 and
-    # {"error": "PagError", "detail": <message>, "body": {field, value, allowed}, "errors": <message>}
+    p.sample = _RefusedSample(for_host(err))
+
+
+def for_host(err: PagError) -> PagError:
+    """``err`` with what the hosts' API error handler (``modules/api/api.py: handle_exception``, A1111 1.10 and
+    Forge 2) answers an exception with: HTTP ``status_code`` 422 and ``{"error": "PagError", "detail": <message>,
+    "body": {field, value, allowed}, "errors": <message>}``. The UI shows ``PagError: <message>`` either way."""
     err.status_code, err.detail, err.body = 422, str(err), err.as_dict()
-    p.sample = _RefusedSample(err)
+    return err
 
 
 def clear_refusal(p) -> None:
@@ -229,5 +234,5 @@ def check_neighbors(p, params: PagParams, refuse) -> str | None:
 
 
 __all__ = ["INFOTEXT_PREFIX", "NEVER_CALLED", "NOTE_KEY", "XYZ_ENABLED_BY", "announce_refusal", "asks_for_pag",
-           "check_neighbors", "clear_refusal", "comment", "job_summary", "refusal_of", "params_from_script_args", "read_params",
+           "check_neighbors", "clear_refusal", "comment", "for_host", "job_summary", "refusal_of", "params_from_script_args", "read_params",
            "refuse_job", "start_params", "write_infotext", "write_note"]

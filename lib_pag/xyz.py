@@ -20,7 +20,7 @@ import logging
 from typing import Callable
 
 from .errors import PagError
-from .job import XYZ_ENABLED_BY, asks_for_pag, params_from_script_args
+from .job import XYZ_ENABLED_BY, asks_for_pag, for_host, params_from_script_args
 from .layers import resolve_layers
 from .params import METHODS, PagParams
 
@@ -101,16 +101,19 @@ def _confirm(label, attribute, has_choices, job_args: Callable, job_catalog: Cal
     full_label = LABEL_PREFIX + label
 
     def confirm(p, values):
-        if not values:
-            where = (" (with text inputs off, a choice axis takes its values from the dropdown: the API's "
-                     "*_values_dropdown argument)") if has_choices else ""
-            raise PagError(full_label, values, "at least one value", f"has no values{where}")
-        for value in values:  # each value on its own first: the message names the value, not a combination
-            PagParams(enabled=True).with_overrides(**{field: value})
-        axes = [entry for entry in getattr(p, AXES_ATTR, []) if entry[0] != full_label]
-        axes.append((full_label, field, list(values)))
-        setattr(p, AXES_ATTR, axes)
-        check_grid(p, axes, _ask(job_args, p), _ask(job_catalog, p))
+        try:
+            if not values:
+                where = (" (with text inputs off, a choice axis takes its values from the dropdown: the API's "
+                         "*_values_dropdown argument)") if has_choices else ""
+                raise PagError(full_label, values, "at least one value", f"has no values{where}")
+            for value in values:  # each value on its own first: the message names the value, not a combination
+                PagParams(enabled=True).with_overrides(**{field: value})
+            axes = [entry for entry in getattr(p, AXES_ATTR, []) if entry[0] != full_label]
+            axes.append((full_label, field, list(values)))
+            setattr(p, AXES_ATTR, axes)
+            check_grid(p, axes, _ask(job_args, p), _ask(job_catalog, p))
+        except PagError as err:
+            raise for_host(err)  # the UI's error box; through the API, the host answers 422 with the message
     return confirm
 
 

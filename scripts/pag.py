@@ -2,6 +2,7 @@
 
 import base64
 import hmac
+import os
 
 import gradio as gr
 
@@ -153,7 +154,7 @@ def _on_app_started(_demo, app):
                                                    job_catalog=lambda: _job_model().catalog))
 
 
-console.show_on_console()  # PAG's one line per job, also under the hosts' default (unconfigured) logging
+console.show_on_console(bool(getattr(shared.cmd_opts, "loglevel", None) or os.environ.get("SD_WEBUI_LOG_LEVEL")))
 a1111.register_callbacks()
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_before_ui(lambda: xyz.register(scripts, _job_args, _grid_catalog))

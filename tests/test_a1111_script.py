@@ -398,9 +398,15 @@ def test_one_console_line_per_job_under_the_hosts_default_logging(webui, monkeyp
         "[sd-webui-pag] INFO: PAG done: scale 3, layers d0 (1 attn1 on SD1.x), identity, separate; "
         "2 of 2 model calls with PAG, 2 perturbed rows; no fork (separate mode)",
     ], lines
-    logging.getLogger().handlers.append(logging.NullHandler())  # the user chose a level: the host decides
+    # a module-level logging.warning(...) ran basicConfig(): the root handler prints PAG's line, once
+    root_out = io.StringIO()
+    logging.getLogger().handlers.append(logging.StreamHandler(root_out))
     run([{"enabled": True}], steps=2)
-    assert len(out.getvalue().splitlines()) == 2
+    assert len(out.getvalue().splitlines()) == 2 and root_out.getvalue().count("PAG done:") == 1
+    # the user chose a level (--loglevel / SD_WEBUI_LOG_LEVEL): the host's configuration decides
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    assert not console.show_on_console(level_chosen=True) and logger.level == logging.NOTSET and not logger.handlers
 
 
 @pytest.mark.parametrize("values, message", [

@@ -109,3 +109,30 @@ def test_with_the_accordion_on_no_note(webui):
     processed = grid([{"enabled": True, "layers": "mid"}], ("[PAG] Scale", "1, 4"))
     assert all("PAG note" not in t for t in processed.infotexts)
     assert "PAG scale: 1" in processed.infotexts[0] and "PAG scale: 4" in processed.infotexts[1]
+
+
+def test_through_the_api_a_bad_cell_is_a_422_with_the_same_message(webui):
+    """The host's API runs the X/Y/Z script the same way; its error handler answers the PagError the axis
+    check raises with the status it carries (the same 422 message as a bad alwayson_scripts arg)."""
+    from fastapi.testclient import TestClient
+    from modules.api.api import create_app
+
+    client = TestClient(create_app()[0])
+    script = next(s for s in scripts.scripts_txt2img.selectable_scripts if s.title() == "X/Y/Z plot")
+    labels = [o.label for o in script.current_axis_options]
+
+    def post(pag_args, label, values):
+        xyz_args = [labels.index(label), values, None, 0, "", None, 0, "", None, True, False, False, False, False,
+                    False, False, 0, True]
+        return client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 3,
+            "script_name": "x/y/z plot", "script_args": xyz_args, "alwayson_scripts": {"pag": {"args": pag_args}}})
+
+    r = post([{"enabled": True, "end": 0.5}], "[PAG] Start", "0.2, 0.6")
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "PagError" and body["detail"] == "PAG start: 0.6 is not before the end; allowed: a fraction below PAG end (0.5)"
+    assert body["body"] == {"field": "PAG start", "value": 0.6, "allowed": "a fraction below PAG end (0.5)"}
+    r = post([{"enabled": False}], "[PAG] Scale", "1, 5")
+    assert r.status_code == 200, r.text
+    assert r.json()["info"].count("turned on by the X/Y/Z axis [PAG] Scale") >= 1
