@@ -242,7 +242,7 @@ def end_job(p) -> None:
         log.info("%s", job_summary(
             job.params, arch=selection.catalog.arch if selection else "?", n_layers=len(selection.chosen) if selection else 0,
             modes=job.layouts, calls_with_pag=job.calls_with_pag, calls=job.calls, rows=job.perturbed_rows,
-            fork=fork_text(job.params, selection, job.checked_mode)))
+            fork=fork_text(job.params, selection, job.checked_mode), p=p))
     JOBS.end(p)
 
 

@@ -388,7 +388,7 @@ def end(p) -> None:
                 f"no fork ({job.fork_off or ('separate mode' if _mode(job) == 'separate' else 'the first perturbed layer is on the down path')})")
         log.info("%s", job_summary(job.params, arch=job.selection.catalog.arch, n_layers=len(job.selection.chosen),
                                    modes=used or [_mode(job)], calls_with_pag=len(used), calls=len(job.log),
-                                   rows=job.perturbed_rows, fork=fork))
+                                   rows=job.perturbed_rows, fork=fork, p=p))
     if job is not None:
         job.active = False
         job.step = None

@@ -72,16 +72,20 @@ def params_from_script_args(args, p=None, extra: dict | None = None, *, xyz: boo
 
 
 def job_summary(params: PagParams, *, arch: str, n_layers: int, modes, calls_with_pag: int, calls: int,
-                rows: int, fork: str) -> str:
+                rows: int, fork: str, p=None) -> str:
     """The one console line a PAG job ends with (INFO): what PAG did.
 
     ``modes``: how the perturbed rows ran (``batched``, ``uncond slot``, ``separate``); ``calls`` /
     ``calls_with_pag``: the job's model calls (denoiser calls; hires passes included) and those with PAG;
-    ``rows``: perturbed rows computed over the job; ``fork``: the shared-prefix fork point, or why none."""
+    ``rows``: perturbed rows computed over the job; ``fork``: the shared-prefix fork point, or why none;
+    ``p``: the job, whose ``PAG note`` (if any) ends the line."""
     modes = ", ".join(sorted(set(modes))) or params.mode
     window = f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0.0, 1.0) else ""
+    extra = getattr(p, "extra_generation_params", None)
+    note = extra.get(NOTE_KEY) if isinstance(extra, dict) else None
     return (f"PAG done: scale {params.scale:g}, layers {params.layers} ({n_layers} attn1 on {arch}), {params.method}, "
-            f"{modes}{window}; {calls_with_pag} of {calls} model calls with PAG, {rows} perturbed rows; {fork}")
+            f"{modes}{window}; {calls_with_pag} of {calls} model calls with PAG, {rows} perturbed rows; {fork}"
+            + (f"; note: {note}" if note else ""))
 
 
 def write_infotext(p, params: PagParams) -> None:
@@ -136,7 +140,7 @@ def start_params(p, args) -> PagParams | None:
     turned_on_by = getattr(p, XYZ_ENABLED_BY, None)
     if turned_on_by and not asks_for_pag(args, p, xyz=False):
         note = f"turned on by the X/Y/Z axis {turned_on_by} (the PAG accordion is off)"
-        log.info("PAG: %s", note)
+        log.debug("PAG: %s", note)  # the job's console line ends with its PAG note
         write_note(p, note, keep_settings=True)
     return params
 
