@@ -57,6 +57,11 @@ HINTS = {
 }
 
 
+# What the status line says in the page as built: no model is known then; opening the accordion redraws it
+BUILT = ModelView(None, "unknown", "", "Open this accordion or edit the layers to check them against the model the next "
+                                      "job will use.")
+
+
 def _hint(component, name: str):
     """Give ``component`` the hosts' hover hint ``HINTS[name]`` (the InputAccordion's accordion too)."""
     component.webui_tooltip = HINTS[name]
@@ -245,7 +250,7 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
             layers = gr.Textbox(label=label_of("layers"), value=d.layers, lines=1, elem_id=elem_id("layers"),
                                 placeholder="mid,up · m0 · d1-d3 · m0.2-9:0.5 · u0:0.5")
         # drawn for the model the next job uses when the accordion opens (the page is built before any model loads)
-        status = gr.HTML(value=validation_message(d.layers), elem_id=elem_id("status"), elem_classes=["pag-status"])
+        status = gr.HTML(value=validation_message(d.layers, BUILT), elem_id=elem_id("status"), elem_classes=["pag-status"])
         layer_map = gr.HTML(value="", elem_id=elem_id("layer_map"), elem_classes=["pag-map"])
         with gr.Row(elem_classes=["pag-row"]):
             method = gr.Dropdown(label=label_of("method"), choices=list(METHODS), value=d.method, elem_id=elem_id("method"))
