@@ -18,6 +18,7 @@ from .layers import PARTS, family_unet, parse_layer_spec, resolve_layers
 from .maps import layer_map_svg, schedule_svg
 from .params import (
     EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, UI_INFINITY, PagParams, field_names, format_value, label_of,
+    params_from_positional,
 )
 
 log = logging.getLogger("sd_webui_pag")
@@ -53,7 +54,8 @@ HINTS = {
     "hires": "The hires-fix pass: same settings, its own scale, or no PAG.",
     "hires_scale": "The PAG scale of the hires pass when PAG hires is 'own' (0–100).",
     "mode": "batched: the perturbed rows join the CFG batch (fastest); separate: an extra UNet call for them (least memory).",
-    "schedule_plot": "The PAG scale at each of 20 steps (and of a hires pass that has its own setting).",
+    "schedule_plot": "The PAG scale at each of 20 steps (and of a hires pass that has its own setting); in its place, "
+                     "the first bad setting, if any.",
 }
 
 
@@ -146,11 +148,17 @@ def layer_map_html(layers: str, model=None) -> str:
         return ""
 
 
-def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 20) -> str:
-    """The scale curve over ``steps`` (and an illustrative hires pass unless it runs the same settings)."""
+SETTINGS_CHECKED = ("method", "blur_sigma", "noise_scale", "sigma_start", "sigma_end", "rescale", "mode")
+
+
+def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 20, **settings) -> str:
+    """The scale curve over ``steps`` (and an illustrative hires pass unless it runs the same settings), or —
+    in its place — the error of the first bad setting among these and ``settings`` (UI values of
+    ``SETTINGS_CHECKED``; the layers have their own status line): every bad value shows before Generate."""
+    values = {"enabled": True, "layers": "mid", "scale": scale, "start": start, "end": end, "schedule": schedule,
+              "hires": hires, "hires_scale": hires_scale, **settings}
     try:
-        params = PagParams(enabled=True, scale=scale, start=start, end=end, schedule=schedule, hires=hires,
-                           hires_scale=hires_scale)
+        params = params_from_positional([values.get(name, getattr(PagParams(), name)) for name in field_names()])
     except PagError as err:
         return f"<span class='pag-error'>{html.escape(str(err))}</span>"
     return schedule_svg(params, steps, hires_steps=None if hires == "same" else steps // 2)
@@ -179,11 +187,12 @@ APPLY_LAYERS_JS = f"""(reply, text, status, groups, map, retry) => {{
   if (!({_FRESH_JS})(r, text)) return [status, groups, map, {_NONCE_JS}];
   return [r.status, r.groups, r.map, retry];
 }}"""
-APPLY_SCHEDULE_JS = f"""(reply, scale, start, end, schedule, hires, hires_scale, plot, retry) => {{
+APPLY_SCHEDULE_JS = f"""(...args) => {{
+  const [plot, retry] = args.slice(-2);
   let r = null;
-  try {{ r = JSON.parse(reply); }} catch (e) {{ r = null; }}
+  try {{ r = JSON.parse(args[0]); }} catch (e) {{ r = null; }}
   if (!r) return [plot, retry];
-  if (!({_FRESH_JS})(r, [scale, start, end, schedule, hires, hires_scale])) return [plot, {_NONCE_JS}];
+  if (!({_FRESH_JS})(r, args.slice(1, -2))) return [plot, {_NONCE_JS}];
   return [r.plot, retry];
 }}"""
 
@@ -298,10 +307,10 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
         return reply_json(text, status=validation_message(text, view), groups=groups_in(text), map=layer_map_html(text, view))
 
     def schedule_reply(*values):
-        return reply_json(list(values), plot=schedule_html(*values))
+        return reply_json(list(values), plot=schedule_html(*values[:6], **dict(zip(SETTINGS_CHECKED, values[6:]))))
 
     preset.change(on_preset, inputs=[preset], outputs=[scale, layers], show_progress=False)
-    schedule_inputs = [scale, start, end, schedule, hires, hires_scale]
+    schedule_inputs = [scale, start, end, schedule, hires, hires_scale, *(controls[name] for name in SETTINGS_CHECKED)]
     # the page outlives model switches, and is built before any model loads: redraw on opening as well
     _wire_replies(gr, layers_reply, [layers], [layers, enabled], replies["layers_reply"], replies["layers_retry"],
                   [status, groups, layer_map], APPLY_LAYERS_JS)

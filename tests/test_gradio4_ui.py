@@ -74,7 +74,7 @@ def test_infotext_and_events(summary):
         assert pasted["enabled"] is True and pasted["scale"] == 4.5 and pasted["layers"] == "m0,u1"
         assert pasted["method"] == "blur" and pasted["blur_sigma"] == 1e6 and pasted["mode"] == "separate"
         events = built["events"]
-        assert events["js"] == 11 and events["python"] == 12 and len(events["ran"]) == 12
+        assert events["js"] == 18 and events["python"] == 19 and len(events["ran"]) == 19
 
 
 def test_fast_typing_in_chromium_under_gradio4():

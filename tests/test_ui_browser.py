@@ -206,6 +206,14 @@ def test_fast_typing_leaves_status_map_and_schedule_on_the_text_in_the_box(slow_
         shown = _settle(browser, lambda s: s["plot_scale"] == "12.5")
         assert shown["scale_box"] == "12.5" and shown["plot_scale"] == "12.5", shown
 
+        # every other setting is checked as well: a bad one shows in the preview's place before Generate
+        plot_text = f"{ROOT_JS}.querySelector('{PAG}schedule_plot').innerText"
+        browser.type_fast(f"{PAG}noise_scale input", "250")
+        browser.wait_for(f"{plot_text}.includes('PAG noise scale: 250.0 is out of range; allowed: a number from 0 to 100')", 10,
+                         "the bad noise scale in the preview's place")
+        browser.type_fast(f"{PAG}noise_scale input", "1", whole=True)
+        browser.wait_for(f"!!{ROOT_JS}.querySelector('{PAG}schedule_plot rect.pag-bar')", 10, "the preview again")
+
 
 def test_a_bad_value_stops_generate_with_the_apis_message_and_no_image():
     from lib_pag import PagError, PagParams

@@ -99,6 +99,14 @@ def main() -> int:
             shown = seen["12.5"] = settle(lambda s: s["plot_scale"] == "12.5")
             if not (shown["scale_box"] == "12.5" and shown["plot_scale"] == "12.5"):
                 failures.append(f"after typing 12.5 as the scale: {shown}")
+            browser.type_fast(f"{PAG}noise_scale input", "250")
+            plot = f"{ROOT_JS}.querySelector('{PAG}schedule_plot').innerText"
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "PAG noise scale: 250.0 is out of range" not in (browser.evaluate(plot) or ""):
+                time.sleep(0.1)
+            seen["noise_scale_250"] = browser.evaluate(plot)
+            if "PAG noise scale: 250.0 is out of range; allowed: a number from 0 to 100" not in (seen["noise_scale_250"] or ""):
+                failures.append(f"a noise scale of 250 is not shown in the preview's place: {seen['noise_scale_250']!r}")
     finally:
         demo.close()
     print(json.dumps({"ok": not failures, "gradio": gr.__version__, "failures": failures, "seen": seen}, indent=1))

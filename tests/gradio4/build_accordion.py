@@ -286,14 +286,15 @@ def run_checks():
         fns = [blocks.fns[i] for i in b["fns"]]
         js_only = [f for f in fns if f.fn is None]
         toggles = [f for f in js_only if f.js and "inputAccordionChecked" in f.js]
-        applies = [f for f in js_only if f.js and "JSON.parse(reply)" in f.js]
+        applies = [f for f in js_only if f.js and "JSON.parse(" in f.js]
         c.check(len(toggles) == 1, pre + "the accordion's js change event is missing")
         # each server-side check is followed by the browser-side step that applies its reply only while fresh
-        c.check(len(applies) == 10 and len(js_only) == 11,
-                pre + f"{len(applies)} reply-applying js events, not 10 (layers, enabled, layers retry, 6 schedule inputs, schedule retry)")
+        c.check(len(applies) == 17 and len(js_only) == 18,
+                pre + f"{len(applies)} reply-applying js events, not 17 (layers, enabled, layers retry, 13 schedule/settings "
+                      "inputs, schedule retry)")
         python_fns = [f for f in fns if f.fn is not None]
-        c.check(len(python_fns) == 12, pre + f"{len(python_fns)} python events, not 12 (preset, layers, enabled → map, "
-                                             "layers retry, groups, 6 schedule inputs, schedule retry)")
+        c.check(len(python_fns) == 19, pre + f"{len(python_fns)} python events, not 19 (preset, layers, enabled → map, "
+                                             "layers retry, groups, 13 schedule/settings inputs, schedule retry)")
         ran = []
         ids = {x._id: n for n, x in by_name.items()}
         for f in python_fns:
