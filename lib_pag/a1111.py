@@ -29,9 +29,8 @@ from .fork import ForkChecks, forking
 from .calls import PassCounter
 from .guidance import multicond_pag_delta, multicond_reference, promote, rescale_guided, scale_for_step
 from .job import (
-    announce_refusal, check_neighbors, flush_notes, image_keys, more_guidances, never_called, note_skipped, perturbations_for,
-    read_params,
-    resolve_guidances, write_infotext, write_note,
+    announce_refusal, check_neighbors, flush_notes, image_keys, job_summary, more_guidances, never_called, note_skipped,
+    perturbations_for, refuse_job, resolve_guidances, start_params, write_infotext, write_note,
 )
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
@@ -97,6 +96,11 @@ class Job:
     applied_calls: int = 0  # model calls whose output got PAG's term
     skipped: dict = field(default_factory=dict)  # reason -> model calls that were due PAG but ran without it
     late_term: bool = False  # the term went in after the host's combine step (said once)
+    # for the job's console line: denoiser calls, those with PAG rows, perturbed rows, row layouts used
+    calls: int = 0
+    calls_with_pag: int = 0
+    perturbed_rows: int = 0
+    layouts: set = field(default_factory=set)
 
     @property
     def p(self):
@@ -236,30 +240,65 @@ def refusal_for_model(sd_model) -> str | None:
 
 
 def start_job(p, args) -> Job | None:
-    """``process`` hook: validate, write infotext, register the job. Errors are reported, never raised."""
+    """``process`` hook: read the settings, write the infotext, register the job.
+
+    A bad setting while PAG is on — a value, or a layer the job's model does not have (the model is loaded
+    when ``process`` runs) — stops the job (``job.refuse_job``: the host shows the error, no image). A model
+    PAG cannot work on is refused with a ``PAG note`` (the image is made without PAG and says why)."""
     JOBS.end(p)
-    params, _ = read_params(p, args)
-    if params is None or not params.enabled:
+    params = start_params(p, args)
+    if params is None:
         return None
     seed = int(getattr(p, "seed", 0) or 0)
     job = JOBS.start(p, params, seed)
     import modules.shared as shared
 
-    reason, level = refusal_for_model(shared.sd_model), logging.WARNING
+    reason = refusal_for_model(shared.sd_model)
     if reason is None:
         try:
             selection = job.selection_for(shared.sd_model.model.diffusion_model)
         except PagError as err:
-            reason, level = str(err), logging.ERROR
-        else:
-            log.info("PAG on: scale %g, %s on %s (%d attn1: %s), %s mode%s%s", params.scale, params.method,
-                     selection.catalog.arch, len(selection.chosen), params.layers, params.mode,
-                     f", window {params.start:g}-{params.end:g}" if (params.start, params.end) != (0, 1) else "",
-                     more_guidances(params))
+            JOBS.end(p)
+            write_infotext(p, PagParams())
+            refuse_job(p, err)
+            return None
+        log.debug("PAG start: scale %g, %s on %s (%d attn1: %s), %s mode%s", params.scale, params.method,
+                  selection.catalog.arch, len(selection.chosen), params.layers, params.mode, more_guidances(params))
     if reason is not None:
         write_infotext(p, PagParams())
-        job.refuse(reason, level)
+        job.refuse(reason)
     return job
+
+
+def end_job(p) -> None:
+    """``postprocess``: the job's one console line (INFO, ``job.job_summary``), then drop the job. A refused
+    job said why in its own WARNING/ERROR line already."""
+    job = JOBS.get(p)
+    if job is not None and job.params.enabled and not job.refused:
+        selections = next((found for _, found in job.selections.values() if isinstance(found, dict)), None) or {}
+        selection = selections.get(1)
+        log.info("%s", job_summary(
+            job.params, arch=selection.catalog.arch if selection else "?", n_layers=len(selection.chosen) if selection else 0,
+            modes=job.layouts, calls_with_pag=job.calls_with_pag, calls=job.calls, rows=job.perturbed_rows,
+            fork=fork_text(job.params, selections, job.checked_mode), p=p))
+    JOBS.end(p)
+
+
+def fork_text(params: PagParams, selections, mode) -> str:
+    """Where the shared-prefix fork lets each guidance's twins join the batch, or why it does not
+    (``fork.forking`` can still turn it off per call: another extension's forward or hooks; DEBUG lines say so)."""
+    import os
+
+    from .fork import DISABLE_ENV, fork_stages
+
+    if (mode or params.mode) == "separate":
+        return "no fork (separate mode)"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"no fork ({DISABLE_ENV} is set)"
+    stages = fork_stages(selections) if selections else None
+    if not stages:
+        return "no fork"
+    return "fork before " + ", ".join(str(point) for point, _ in stages)
 
 
 def start_batch(p, seeds, subseeds=None) -> None:
@@ -341,6 +380,7 @@ def on_cfg_denoiser(params) -> None:
     job.twins = None
     if job.refused or not job.params.enabled:
         return
+    job.calls += 1
     if den is None:
         job.refuse("cannot find the sampler's CFG denoiser on this WebUI version")
         return
@@ -412,6 +452,8 @@ def on_cfg_denoiser(params) -> None:
         call.x_in, call.layout, call.twins = params.x, twin_layout(n_cond, batch, call.keys), True
         job.twins = (den, n_cond, params.x.shape[0], k * n_cond)
     job.call = call
+    job.calls_with_pag, job.perturbed_rows = job.calls_with_pag + 1, job.perturbed_rows + n_cond * len(scales)
+    job.layouts.add(layout)
     install_inner_wrapper(den, job)
     install_combine_wrapper(den)
     if log.isEnabledFor(logging.DEBUG):

@@ -109,7 +109,9 @@ def error_body(err: PagError) -> dict:
 class HostLookups:
     """What the check asks the host (all optional; each may raise, then the check goes without it).
 
-    ``current_unet()``: the loaded UNet (layers are checked against it); ``parse_infotext(text)``: the
+    ``current_unet()``: the loaded UNet (layers are checked against it); ``job_catalog()``: when given, the
+    ``LayerCatalog`` of the model the next job will use, or None while it is not known (used instead of
+    ``current_unet``: Forge 2 loads the selected checkpoint only when a job starts); ``parse_infotext(text)``: the
     host's ``parse_generation_parameters``; ``is_loaded_checkpoint(name)``: whether an
     ``override_settings.sd_model_checkpoint`` leaves the loaded model in place (names it, or names nothing
     the host knows — A1111 then drops the override); ``authorized(headers)``:
@@ -122,6 +124,7 @@ class HostLookups:
     parse_infotext: Callable | None = None
     is_loaded_checkpoint: Callable = lambda name: False
     authorized: Callable = lambda headers: True  # the host's own API auth (--api-auth) would let it in
+    job_catalog: Callable | None = None
 
 
 def install(app, title: str = "PAG", current_unet=lambda: None, *, host: HostLookups | None = None) -> int:
@@ -178,9 +181,13 @@ def _check(raw: bytes, title, host: HostLookups) -> PagError | None:
             return None
         params = request_params(args or [], from_infotext)
         if params.enabled and not switches_checkpoint(body, host.is_loaded_checkpoint):
-            unet = _ask(host.current_unet)
-            if unet is not None:
-                resolve_guidances(params, build_catalog(unet))
+            if host.job_catalog is not None:
+                catalog = _ask(host.job_catalog)
+            else:
+                unet = _ask(host.current_unet)
+                catalog = build_catalog(unet) if unet is not None else None
+            if catalog is not None:
+                resolve_guidances(params, catalog)
     except PagError as err:
         return err
     return None

@@ -54,8 +54,8 @@ import torch
 
 from . import forge_fork
 from .job import (
-    NOTE_KEY, announce_refusal, check_neighbors, flush_notes, more_guidances, never_called, perturbations_for, read_params,
-    resolve_guidances, write_infotext, write_note,
+    NOTE_KEY, announce_refusal, check_neighbors, flush_notes, job_summary, more_guidances, never_called, perturbations_for,
+    refusal_of, refuse_job, resolve_guidances, start_params, write_infotext, write_note,
 )
 from .errors import PagError
 from .calls import PassCounter
@@ -361,6 +361,8 @@ class ForgeJob:
         self.draw: tuple = ()  # the denoiser call's draw key: (hires pass, model call index)
         self.fork_checks = ForkChecks()  # the fork's deferred twin-input checks, read once per step
         self.applied_calls = 0  # model calls whose output got PAG's term
+        self.perturbed_rows = 0  # perturbed rows computed over the job (the console line)
+        self.fork_off: str | None = None  # why the shared-prefix fork is off on a host that has one
 
     @property
     def p(self):
@@ -515,15 +517,23 @@ def apply(p, args) -> ForgeJob | None:
     _install(clone, job)
     sd_model.forge_objects.unet = clone
     _note_refiner(p)
-    log.info("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s%s", job.host.kind, job.params.scale,
-             job.params.method, job.selection.catalog.arch, len(job.selection.chosen), job.params.layers, _mode(job),
-             ", hires pass" if getattr(p, "is_hr_pass", False) else "", more_guidances(job.params))
+    log.debug("PAG on (%s): scale %g, %s on %s (%d attn1: %s), %s mode%s%s", job.host.kind, job.params.scale,
+              job.params.method, job.selection.catalog.arch, len(job.selection.chosen), job.params.layers, _mode(job),
+              ", hires pass" if getattr(p, "is_hr_pass", False) else "", more_guidances(job.params))
     return job
 
 
 def end(p) -> None:
-    """``postprocess``: drop the job; functions still installed on a patcher become pass-throughs."""
+    """``postprocess``: the job's one console line (INFO, ``job.job_summary``; a refused job said why in its
+    own line already), then drop the job; functions still installed on a patcher become pass-throughs."""
     job = job_of(p)
+    if job is not None and job.live and job.params.enabled and job.selection is not None and job.log:
+        used = [how for *_, scale, how in job.log if scale]
+        fork = ("fork before " + ", ".join(str(point) for point, _ in job.fork_stages) if job.fork_stages else
+                f"no fork ({job.fork_off or ('separate mode' if _mode(job) == 'separate' else 'the first perturbed layer is on the down path')})")
+        log.info("%s", job_summary(job.params, arch=job.selection.catalog.arch, n_layers=len(job.selection.chosen),
+                                   modes=used or [_mode(job)], calls_with_pag=len(used), calls=len(job.log),
+                                   rows=job.perturbed_rows, fork=fork, p=p))
     if job is not None:
         job.active = False
         job.step = None
@@ -531,10 +541,37 @@ def end(p) -> None:
         delattr(p, JOB_ATTR)
 
 
-def _start(p, args) -> ForgeJob | None:
-    params, error = read_params(p, args)
+def start(p, args) -> ForgeJob | None:
+    """``process``: read and check the settings before the job samples anything.
+
+    Forge 2 and reForge load the job's model before ``process`` (Forge 2: ``manage_model_and_prompt_cache``),
+    so the layers are checked against it here. A bad setting while PAG is on stops the job
+    (``job.refuse_job``: the host shows the error where the image would be); ``apply`` then never runs.
+    """
+    sd_model = getattr(p, "sd_model", None)
+    if not hasattr(sd_model, "forge_objects"):
+        return None
+    job = _start(p, args, at_process=True)
+    unet = diffusion_model_of(sd_model)
+    if job.live and job.params.enabled and unet is not None and hasattr(unet, "input_blocks"):
+        try:
+            resolve_guidances(job.params, build_catalog(unet))
+        except PagError as err:
+            write_infotext(p, PagParams())
+            refuse_job(p, err)
+            job.refused = str(err)
+    return job
+
+
+def _start(p, args, at_process: bool = False) -> ForgeJob:
+    params = start_params(p, args)
     job = ForgeJob(p, params or PagParams(), host_api())
-    job.refused = error
+    error = refusal_of(p)
+    if error is not None:
+        if at_process:
+            job.refused = str(error)  # the job stops at p.sample; nothing else to say
+        else:  # already sampling: the image comes without PAG, and says why
+            job.refuse(str(error), logging.ERROR)
     setattr(p, JOB_ATTR, job)
     return job
 
@@ -568,8 +605,9 @@ def _install(unet, job: ForgeJob) -> None:
         if job.fork_point is not None and job.host.fork == "object_patch":
             reason = forge_fork.install_object_patch(unet, lambda: job.live)
             if reason is not None:
-                log.info("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
+                log.debug("PAG: no shared-prefix fork (%s); the twins run the whole UNet", reason)
                 job.fork_point = job.fork_stages = None
+                job.fork_off = reason
         wrapper = _make_unet_wrapper(job, options.get("model_function_wrapper"))
         unet.set_model_unet_function_wrapper(wrapper)
         if job.host.gate == "pre_cfg":
@@ -900,8 +938,11 @@ def _make_post_cfg(job: ForgeJob):
             guided = guided + scale * weight * (cond - promote(perturbed))
             if rescale[label]:
                 guided = rescale_guided(guided, cond, rescale[label])
-        job.log.append((n, total, sigma, sum(scales.values()), "batched" if matched else "separate"))
+        how = "batched" if matched else "separate"
+        job.log.append((n, total, sigma, sum(scales.values()), how))
         job.applied_calls += 1
+        job.perturbed_rows += len(scales) * (sum(int(e.input_x.shape[0]) for e in step.entries) if matched
+                                             else int(args["input"].shape[0]) * max(1, len(args.get("cond") or ())))
         return guided.to(denoised.dtype)
 
     return _tag(post_cfg, job)
@@ -952,4 +993,4 @@ def _calls_since(job: ForgeJob, before, shuffle) -> collections.Counter:
 
 
 __all__ = ["A1111", "FORGE2", "REFORGE", "ForgeJob", "HostApi", "PagRows", "apply", "detect_host", "diffusion_model_of", "end", "host_api",
-           "is_forge_host", "job_of"]
+           "is_forge_host", "job_of", "start"]

@@ -152,17 +152,19 @@ def build_catalog(unet: torch.nn.Module) -> LayerCatalog:
                     ))
                     found = True
             index += found
-    return LayerCatalog(tuple(layers), _guess_arch(unet, layers))
+    return LayerCatalog(tuple(layers), guess_arch(
+        layers, lambda: getattr(unet.get_submodule(layers[0].path.rsplit(".transformer_blocks", 1)[0]), "use_linear", False)))
 
 
-def _guess_arch(unet, layers) -> str:
+def guess_arch(layers, first_uses_linear) -> str:
+    """The family of a UNet from its attention layout; ``first_uses_linear()``: whether its first spatial
+    transformer projects with linear layers (SD2.x) rather than 1×1 convolutions (SD1.x)."""
     def depths(part):
         return [sum(1 for l in layers if l.part == part and l.block == b) for b in sorted({l.block for l in layers if l.part == part})]
 
     down, mid = depths("down"), depths("mid")
     if len(down) == 6 and all(d == 1 for d in down) and mid == [1]:
-        first = unet.get_submodule(layers[0].path.rsplit(".transformer_blocks", 1)[0])
-        return "SD2.x" if getattr(first, "use_linear", False) else "SD1.x"
+        return "SD2.x" if first_uses_linear() else "SD1.x"
     if down == [2, 2, 10, 10]:
         return "SDXL" if mid == [10] else "SSD-1B" if not mid else "UNet"
     if down == [2, 2, 4, 4] and not mid:
@@ -257,10 +259,14 @@ def _resolve(spec, catalog: LayerCatalog) -> LayerSelection:
     return LayerSelection(catalog, chosen)
 
 
+def family_unet(arch: str) -> str:
+    """``"SDXL UNet"``; a UNet of no family PAG recognises is just ``"UNet"`` (never ``"UNet UNet"``)."""
+    return "UNet" if arch == "UNet" else f"{arch} UNet"
+
+
 def _missing(selector: LayerSelector, catalog: LayerCatalog, detail: str = "") -> PagError:
     valid = catalog.summary() or "none (this model has no self-attention blocks)"
-    family = "" if catalog.arch == "UNet" else f"{catalog.arch} "  # an unknown family is not named
-    return PagError(FIELD, selector.text, valid, f"does not exist in this {family}UNet{detail}", "valid")
+    return PagError(FIELD, selector.text, valid, f"does not exist in this {family_unet(catalog.arch)}{detail}", "valid")
 
 
 def _match(selector: LayerSelector, catalog: LayerCatalog) -> list[AttnLayer]:

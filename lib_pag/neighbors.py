@@ -1,5 +1,6 @@
 """Other extensions PAG knows it cannot share a batch with, as data: how to tell they are on, and what PAG
-does then — run its perturbed rows in their own pass (``separate``) or not at all (``refuse``).
+does then — run its perturbed rows in their own pass (``separate``), not at all (``refuse``), or as asked
+with a warning (``warn``: the combination is allowed but rarely meant).
 
 Everything else runs batched: the fork and the row bookkeeping already keep foreign hooks, wrapped blocks,
 replaced combine steps and tiled UNet calls exact (see the README's compatibility table). An entry here is
@@ -18,7 +19,7 @@ from typing import Callable
 class Neighbor:
     name: str
     is_on: Callable[[dict], bool]  # from the job's extra_generation_params
-    action: str  # "separate" | "refuse"
+    action: str  # "separate" | "refuse" | "warn" (PAG runs as asked; the log and a PAG note say why to look)
     why: str
 
 
@@ -39,6 +40,10 @@ KNOWN = (
     # negative half by position (x.chunk(2)); a cond-only call of B rows is told apart by its token length
     Neighbor("Regional Prompter (Attention mode)", _regional_prompter(latent=False), "separate",
              "its cross-attention hooks split a larger batch into a positive and a negative half by position"),
+    # Forge 2 extensions-builtin/sd_forge_perturbed_attention: its process_before_every_sampling (sorting
+    # priority 13, before PAG's 14) adds its own PAG post-CFG term and writes pagi_enabled into the infotext
+    Neighbor("Forge's PerturbedAttentionGuidance Integrated", lambda extra: extra.get("pagi_enabled") is True, "warn",
+             "its PAG term and this one add up, so PAG is applied twice; untick one of the two accordions"),
 )
 
 

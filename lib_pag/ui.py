@@ -7,31 +7,101 @@ the infotext paste entries. Only plain values or ``gr.update`` cross into gradio
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 from contextlib import contextmanager
 
 from .errors import PagError
-from .layers import PARTS, build_catalog, parse_layer_spec, resolve_layers
-from .maps import example_catalog, layer_map_svg, schedule_svg
+from .checkpoints import ModelView, view_of_unet
+from .layers import PARTS, family_unet, parse_layer_spec, resolve_layers
+from .maps import layer_map_svg, schedule_svg
 from .params import (
     EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, UI_INFINITY, PagParams, field_names, format_value, label_of,
+    params_from_positional,
 )
 
 log = logging.getLogger("sd_webui_pag")
 
 
-def validation_message(layers: str, unet=None) -> str:
-    """HTML for the status line: the resolved layers, or the error naming field and allowed values."""
+# Hover hints, one per control (keys: PagParams fields and the accordion's other pieces). The hosts show a
+# component's ``webui_tooltip`` as the ``title`` of its element (A1111 1.10 / Forge 2
+# ``modules/gradio_extens*ons.py: Block_get_config`` puts it into the page config, ``javascript/hints.js``
+# sets it on the element with that ``elem_id`` at load). The attribute is set after the component is made,
+# so plain gradio (no host) simply ignores it.
+HINTS = {
+    "enabled": "Perturbed-Attention Guidance: also predict with the self-attention of the chosen layers replaced "
+               "by the identity, and steer away from that degraded prediction. Costs about a third of a UNet pass per step.",
+    "preset": "Sets PAG scale and layers to a tested pair; Custom keeps what you set.",
+    "scale": "PAG scale s: how strongly to steer away from the perturbed prediction (0–100, typically 2–5; 0 = no effect).",
+    "groups": "Perturb whole parts of the UNet; kept in sync with the layer text.",
+    "layers": "Self-attention layers to perturb: down, mid, up, all; names such as m0, u3, d1-d3, m0.2-9; module "
+              "paths; ':0.5' after an entry for half strength. The line below checks it against the model the next job uses.",
+    "status": "What the layer text selects on the model the next job will use, or what is wrong with it.",
+    "layer_map": "The UNet's attention blocks (down, mid, up); the filled cells are perturbed.",
+    "method": "identity: the paper's PAG (the attention returns V); blur: blur the queries over the token grid; "
+              "noise: Gaussian noise on the attention logits.",
+    "blur_sigma": "blur only: Gaussian sigma in tokens (≥ 1e6 means infinite: every query becomes the mean query).",
+    "noise_scale": "noise only: standard deviation of the noise added to the attention logits (0–100).",
+    "start": "First model call with PAG, as a fraction of the model calls of the sampling pass (0–1).",
+    "end": "PAG stops at this fraction of the pass's model calls (0–1, above start).",
+    "sigma_start": "PAG only while the sampler's sigma is at most this; 0 = no bound.",
+    "sigma_end": "PAG only while sigma is at least this (below sigma start); 0 = no bound. About 0.7 helps "
+                 "against striped noise with ancestral samplers.",
+    "schedule": "The scale over the window: constant, or a linear or cosine decay to 0 at the end.",
+    "rescale": "Guidance rescale (0–1): brings each image's spread back to the conditional prediction's; "
+               "against over-saturated images.",
+    "hires": "The hires-fix pass: same settings, its own scale, or no PAG.",
+    "hires_scale": "The PAG scale of the hires pass when PAG hires is 'own' (0–100).",
+    "mode": "batched: the perturbed rows join the CFG batch (fastest); separate: an extra UNet call for them (least memory).",
+    "schedule_plot": "The PAG scale at each of 20 steps (and of a hires pass that has its own setting); in its place, "
+                     "the first bad setting, if any.",
+}
+
+
+# What the status line says in the page as built: no model is known then; opening the accordion redraws it
+BUILT = ModelView(None, "unknown", "", "Open this accordion or edit the layers to check them against the model the next "
+                                      "job will use.")
+
+
+def _hint(component, name: str):
+    """Give ``component`` the hosts' hover hint ``HINTS[name]`` (the InputAccordion's accordion too)."""
+    component.webui_tooltip = HINTS[name]
+    accordion = getattr(component, "accordion", None)
+    if accordion is not None:
+        accordion.webui_tooltip = HINTS[name]
+    return component
+
+
+def job_model_view(model) -> ModelView:
+    """What a host lookup answered, as a ``ModelView``: a view as is, a UNet module as the loaded model,
+    None as not known yet."""
+    if isinstance(model, ModelView):
+        return model
+    if model is None:
+        return ModelView(None, "unknown", "", "No model is loaded yet: the layers are checked against it when the job starts.")
+    return view_of_unet(model)
+
+
+def validation_message(layers: str, model=None) -> str:
+    """HTML for the status line: what the layer text selects on the model the next job will use
+    (``model``: a ``ModelView``, a loaded UNet module, or None), or the error naming field and allowed
+    values. While that model is not known, a well-formed text is said to be checked when the job starts —
+    never "valid"."""
+    view = job_model_view(model)
+    attr = f" data-layers='{html.escape(str(layers), quote=True)}'"
     try:
         parse_layer_spec(layers)
-        if unet is not None:
-            selection = resolve_layers(layers, build_catalog(unet))
-            return (f"<span class='pag-ok'>{len(selection.chosen)} self-attention layers on this "
-                    f"{html.escape(selection.catalog.arch)} UNet: {html.escape(_short(selection.names))}</span>")
-        return "<span class='pag-ok'>layers look valid</span>"
+        if view.catalog is None:
+            return f"<span class='pag-pending'{attr}>{html.escape(view.reason)}</span>"
+        selection = resolve_layers(layers, view.catalog)
+        where = f"this {family_unet(selection.catalog.arch)}"
+        if view.source == "file":
+            where = f"the {family_unet(selection.catalog.arch)} of {view.name} (read from the file; it loads when the job starts)"
+        return (f"<span class='pag-ok'{attr}>{len(selection.chosen)} self-attention layers on {html.escape(where)}: "
+                f"{html.escape(_short(selection.names))}</span>")
     except PagError as err:
-        return f"<span class='pag-error'>{html.escape(str(err))}</span>"
+        return f"<span class='pag-error'{attr}>{html.escape(str(err))}</span>"
 
 
 def _short(names, limit=12):
@@ -66,23 +136,74 @@ def with_groups(layers: str, groups: list[str]) -> str:
     return ",".join(entries)
 
 
-def layer_map_html(layers: str, unet=None) -> str:
-    """The layer map of the loaded model (an SD1.x example before one is loaded); empty on a bad spec."""
-    catalog = build_catalog(unet) if unet is not None else example_catalog("SD1.x")
+def layer_map_html(layers: str, model=None) -> str:
+    """The layer map of the model the next job will use; empty while that model is not known, or on a bad spec
+    (the status line says why)."""
+    view = job_model_view(model)
+    if view.catalog is None:
+        return ""
     try:
-        return layer_map_svg(catalog, layers)
+        return layer_map_svg(view.catalog, layers)
     except PagError:
-        return ""  # the status line shows the error
+        return ""
 
 
-def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 20) -> str:
-    """The scale curve over ``steps`` (and an illustrative hires pass unless it runs the same settings)."""
+SETTINGS_CHECKED = ("method", "blur_sigma", "noise_scale", "sigma_start", "sigma_end", "rescale", "mode")
+
+
+def schedule_html(scale, start, end, schedule, hires, hires_scale, steps: int = 20, **settings) -> str:
+    """The scale curve over ``steps`` (and an illustrative hires pass unless it runs the same settings), or —
+    in its place — the error of the first bad setting among these and ``settings`` (UI values of
+    ``SETTINGS_CHECKED``; the layers have their own status line): every bad value shows before Generate."""
+    values = {"enabled": True, "layers": "mid", "scale": scale, "start": start, "end": end, "schedule": schedule,
+              "hires": hires, "hires_scale": hires_scale, **settings}
     try:
-        params = PagParams(enabled=True, scale=scale, start=start, end=end, schedule=schedule, hires=hires,
-                           hires_scale=hires_scale)
+        params = params_from_positional([values.get(name, getattr(PagParams(), name)) for name in field_names()])
     except PagError as err:
         return f"<span class='pag-error'>{html.escape(str(err))}</span>"
     return schedule_svg(params, steps, hires_steps=None if hires == "same" else steps // 2)
+
+
+def reply_json(for_values, **outputs) -> str:
+    """A server-side check's reply: the input values it was computed for (as received) and its outputs."""
+    return json.dumps({"for": for_values, **outputs})
+
+
+# The browser applies a reply only while the inputs still hold the values it was computed for; a stale one
+# is dropped and asks again (a new nonce in the retry box, whose change reruns the check with the current
+# values). gradio 3.41 drops an event fired while the same event is still running (Blocks.svelte:
+# trigger_api_call returns on "pending"), and the host's queue runs events concurrently: without this,
+# typing fast left the status and the schedule on an early keystroke.
+_FRESH_JS = """(r, now) => {
+  const norm = (v) => (Array.isArray(v) ? v : [v]).map((x) =>
+      (typeof x === "number" || (typeof x === "string" && x.trim() !== "" && !isNaN(Number(x)))) ? String(Number(x)) : String(x));
+  return JSON.stringify(norm(r.for)) === JSON.stringify(norm(now));
+}"""
+_NONCE_JS = "String(Date.now()) + '-' + Math.random()"
+APPLY_LAYERS_JS = f"""(reply, text, status, groups, map, retry) => {{
+  let r = null;
+  try {{ r = JSON.parse(reply); }} catch (e) {{ r = null; }}
+  if (!r) return [status, groups, map, retry];
+  if (!({_FRESH_JS})(r, text)) return [status, groups, map, {_NONCE_JS}];
+  return [r.status, r.groups, r.map, retry];
+}}"""
+APPLY_SCHEDULE_JS = f"""(...args) => {{
+  const [plot, retry] = args.slice(-2);
+  let r = null;
+  try {{ r = JSON.parse(args[0]); }} catch (e) {{ r = null; }}
+  if (!r) return [plot, retry];
+  if (!({_FRESH_JS})(r, args.slice(1, -2))) return [plot, {_NONCE_JS}];
+  return [r.plot, retry];
+}}"""
+
+
+def _wire_replies(gr, check, inputs, triggers, reply, retry, outputs, apply_js) -> None:
+    """``check(*inputs)`` runs on the server whenever a trigger (or the retry box) changes and writes its
+    reply; then ``apply_js`` in the browser copies the reply into ``outputs`` if it is still fresh."""
+    js = {"js" if int(gr.__version__.split(".")[0]) >= 4 else "_js": apply_js}
+    for trigger in [*triggers, retry]:
+        trigger.change(check, inputs=inputs, outputs=[reply], show_progress=False).then(
+            None, inputs=[reply, *inputs], outputs=[*outputs, retry], show_progress=False, **js)
 
 
 def _ui_text(value) -> str:
@@ -121,8 +242,12 @@ def fallback_accordion(gr):
     return accordion
 
 
-def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
-    """Create the controls; returns (controls in field order, infotext_fields, paste_field_names)."""
+def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
+    """Create the controls; returns (controls in field order, infotext_fields, paste_field_names).
+
+    ``job_model()``: the model the next job will use — a ``checkpoints.ModelView``, a loaded UNet module, or
+    None while it is not known; asked each time the status line and layer map are redrawn.
+    """
     d = PagParams()
     input_accordion = input_accordion or fallback_accordion(gr)
     with input_accordion(False, label="PAG (Perturbed-Attention Guidance)", elem_id=elem_id("enabled")) as enabled:
@@ -133,8 +258,9 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
             groups = gr.CheckboxGroup(label="Layer groups", choices=list(PARTS), value=groups_in(d.layers), elem_id=elem_id("groups"))
             layers = gr.Textbox(label=label_of("layers"), value=d.layers, lines=1, elem_id=elem_id("layers"),
                                 placeholder="mid,up · m0 · d1-d3 · m0.2-9:0.5 · u0:0.5")
-        status = gr.HTML(value=validation_message(d.layers), elem_id=elem_id("status"), elem_classes=["pag-status"])
-        layer_map = gr.HTML(value=layer_map_html(d.layers), elem_id=elem_id("layer_map"), elem_classes=["pag-map"])
+        # drawn for the model the next job uses when the accordion opens (the page is built before any model loads)
+        status = gr.HTML(value=validation_message(d.layers, BUILT), elem_id=elem_id("status"), elem_classes=["pag-status"])
+        layer_map = gr.HTML(value="", elem_id=elem_id("layer_map"), elem_classes=["pag-map"])
         with gr.Row(elem_classes=["pag-row"]):
             method = gr.Dropdown(label=label_of("method"), choices=list(METHODS), value=d.method, elem_id=elem_id("method"))
             blur_sigma = gr.Number(label=label_of("blur_sigma") + f" (≥{UI_INFINITY:g} = mean)", value=d.blur_sigma, elem_id=elem_id("blur_sigma"))
@@ -153,11 +279,17 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
             mode = gr.Radio(label=label_of("mode"), choices=list(EXEC_MODES), value=d.mode, elem_id=elem_id("mode"))
         schedule_plot = gr.HTML(value=schedule_html(d.scale, d.start, d.end, d.schedule, d.hires, d.hires_scale),
                                 elem_id=elem_id("schedule_plot"), elem_classes=["pag-map"])
+        # replies of the server-side checks, and the "ask again" nonces (see _wire_replies); never script args
+        replies = {name: gr.Textbox(value="", visible=False, elem_id=elem_id(name), elem_classes=["pag-reply"])
+                   for name in ("layers_reply", "layers_retry", "schedule_reply", "schedule_retry")}
 
     controls = {"enabled": enabled, "scale": scale, "layers": layers, "method": method, "blur_sigma": blur_sigma,
                 "noise_scale": noise_scale, "start": start, "end": end, "sigma_start": sigma_start,
                 "sigma_end": sigma_end, "schedule": schedule, "rescale": rescale, "hires": hires,
                 "hires_scale": hires_scale, "mode": mode}
+    for name, component in {**controls, "preset": preset, "groups": groups, "status": status, "layer_map": layer_map,
+                            "schedule_plot": schedule_plot}.items():
+        _hint(component, name)
     ordered = [controls[name] for name in field_names()]
 
     def on_preset(name):
@@ -166,17 +298,24 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
             return gr.update(), gr.update()
         return gr.update(value=values["scale"]), gr.update(value=values["layers"])
 
-    def on_layers(text):
-        unet = current_unet()
-        return validation_message(text, unet), gr.update(value=groups_in(text)), layer_map_html(text, unet)
+    def layers_reply(text):
+        try:
+            view = job_model_view(job_model())
+        except Exception:  # a host lookup failing must not break the page: say it is not known yet
+            log.debug("PAG: the job-model lookup failed", exc_info=True)
+            view = job_model_view(None)
+        return reply_json(text, status=validation_message(text, view), groups=groups_in(text), map=layer_map_html(text, view))
+
+    def schedule_reply(*values):
+        return reply_json(list(values), plot=schedule_html(*values[:6], **dict(zip(SETTINGS_CHECKED, values[6:]))))
 
     preset.change(on_preset, inputs=[preset], outputs=[scale, layers], show_progress=False)
-    layers.change(on_layers, inputs=[layers], outputs=[status, groups, layer_map], show_progress=False)
-    # the page is built before the checkpoint loads and outlives model switches: redraw on opening
-    enabled.change(on_layers, inputs=[layers], outputs=[status, groups, layer_map], show_progress=False)
-    schedule_inputs = [scale, start, end, schedule, hires, hires_scale]
-    for control in schedule_inputs:
-        control.change(schedule_html, inputs=schedule_inputs, outputs=[schedule_plot], show_progress=False)
+    schedule_inputs = [scale, start, end, schedule, hires, hires_scale, *(controls[name] for name in SETTINGS_CHECKED)]
+    # the page outlives model switches, and is built before any model loads: redraw on opening as well
+    _wire_replies(gr, layers_reply, [layers], [layers, enabled], replies["layers_reply"], replies["layers_retry"],
+                  [status, groups, layer_map], APPLY_LAYERS_JS)
+    _wire_replies(gr, schedule_reply, schedule_inputs, schedule_inputs, replies["schedule_reply"],
+                  replies["schedule_retry"], [schedule_plot], APPLY_SCHEDULE_JS)
     if hasattr(groups, "input"):  # user ticks only; .change would also fire on the programmatic update above
         groups.input(lambda g, text: gr.update(value=with_groups(text, g)), inputs=[groups, layers], outputs=[layers],
                      show_progress=False)
@@ -187,4 +326,5 @@ def build_ui(gr, input_accordion, elem_id, current_unet=lambda: None):
     return ordered, infotext_fields, paste_field_names
 
 
-__all__ = ["build_ui", "validation_message", "fill_pasted_params", "groups_in", "with_groups"]
+__all__ = ["HINTS", "build_ui", "fill_pasted_params", "groups_in", "job_model_view", "layer_map_html", "reply_json",
+           "schedule_html", "validation_message", "with_groups"]

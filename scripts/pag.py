@@ -2,12 +2,13 @@
 
 import base64
 import hmac
+import os
 
 import gradio as gr
 
 from modules import script_callbacks, scripts, shared
 
-from lib_pag import a1111, api, forge, xyz
+from lib_pag import a1111, api, checkpoints, console, forge, xyz
 from lib_pag.ui import build_ui, fill_pasted_params
 
 try:
@@ -18,11 +19,45 @@ except ImportError:  # A1111 < 1.7
 TITLE = "PAG"
 
 
-def _current_unet():
-    model = getattr(shared, "sd_model", None)
+def _loaded_model():
+    """The model in memory, without loading one: A1111's ``shared.sd_model`` loads the selected checkpoint
+    on first access, its ``model_data.sd_model`` does not (None until loaded; Forge 2: a placeholder)."""
+    try:
+        from modules import sd_models
+
+        return sd_models.model_data.sd_model
+    except (ImportError, AttributeError):
+        return getattr(shared, "sd_model", None)
+
+
+def _current_unet(model=None):
+    model = _loaded_model() if model is None else model
     if forge.is_forge_host():
         return forge.diffusion_model_of(model)
     return getattr(getattr(model, "model", None), "diffusion_model", None)
+
+
+def _selected_checkpoint_file():
+    """The file of the checkpoint the next job loads: Forge 2's loading parameters (what
+    ``forge_model_reload`` loads), else the ``sd_model_checkpoint`` setting; None when unknown."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return None
+    params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None)
+    info = params.get("checkpoint_info") if isinstance(params, dict) else None
+    if info is None:
+        name = getattr(shared.opts, "sd_model_checkpoint", None)
+        info = getattr(sd_models, "checkpoint_aliases", {}).get(name) if name else None
+    return getattr(info, "filename", None)
+
+
+def _job_model():
+    """What the accordion describes: the model the next job will use (``checkpoints.next_job_model``)."""
+    model = _loaded_model()
+    info = getattr(model, "sd_checkpoint_info", None)
+    return checkpoints.next_job_model(_current_unet(model), getattr(info, "filename", None) or getattr(model, "filename", None),
+                                      _selected_checkpoint_file())
 
 
 class PagScript(scripts.Script):
@@ -35,11 +70,13 @@ class PagScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        controls, self.infotext_fields, self.paste_field_names = build_ui(gr, InputAccordion, self.elem_id, _current_unet)
+        controls, self.infotext_fields, self.paste_field_names = build_ui(gr, InputAccordion, self.elem_id, _job_model)
         return controls
 
     def process(self, p, *args):
-        if not forge.is_forge_host():  # Forge/reForge fire the CFG callbacks too, with another batch layout
+        if forge.is_forge_host():  # Forge/reForge fire the CFG callbacks too, with another batch layout
+            forge.start(p, args)
+        else:
             a1111.start_job(p, args)
 
     def process_batch(self, p, *args, **kwargs):
@@ -50,7 +87,7 @@ class PagScript(scripts.Script):
             forge.apply(p, args)  # runs 2–3× per batch with hires; idempotent
 
     def postprocess(self, p, processed, *args):
-        a1111.JOBS.end(p)
+        a1111.end_job(p)
         forge.end(p)
 
 
@@ -95,11 +132,30 @@ def _authorized(headers):
     return user in credentials and hmac.compare_digest(password, credentials[user])
 
 
+def _job_args(p):
+    """This job's PAG args: its slice of ``p.script_args`` (the runner's ``args_from:args_to`` for this script)."""
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
+        if script.title() == TITLE and hasattr(script, "args_from"):
+            return tuple(p.script_args[script.args_from:script.args_to])
+    return None
+
+
+def _grid_catalog(p):
+    """The layer catalog an X/Y/Z grid's cells will use: the loaded model's, unless the job switches checkpoints."""
+    overrides = getattr(p, "override_settings", None) or {}
+    name = overrides.get("sd_model_checkpoint")
+    if name and not _is_loaded_checkpoint(name):
+        return None
+    return _job_model().catalog
+
+
 def _on_app_started(_demo, app):
-    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized))
+    api.install(app, TITLE, host=api.HostLookups(_current_unet, _parse_infotext, _is_loaded_checkpoint, _authorized,
+                                                   job_catalog=lambda: _job_model().catalog))
 
 
+console.show_on_console(bool(getattr(shared.cmd_opts, "loglevel", None) or os.environ.get("SD_WEBUI_LOG_LEVEL")))
 a1111.register_callbacks()
 script_callbacks.on_app_started(_on_app_started)
-script_callbacks.on_before_ui(lambda: xyz.register(scripts))
+script_callbacks.on_before_ui(lambda: xyz.register(scripts, _job_args, _grid_catalog))
 script_callbacks.on_infotext_pasted(fill_pasted_params)

@@ -1,5 +1,6 @@
 """The extension as a WebUI user and API client meet it: UI, infotext, API, X/Y/Z, safety, refusals."""
 
+import html
 import json
 import re
 import logging
@@ -336,13 +337,14 @@ def test_ssd1b_without_middle_attention_refuses_mid(monkeypatch, caplog):
     load_webui(model)
     try:
         sizes, handle = unet_batches(model, monkeypatch)
-        with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
-            p, processed = run([{"enabled": True, "layers": "mid"}], steps=2)
+        with caplog.at_level(logging.WARNING, logger="sd_webui_pag"), \
+                pytest.raises(PagError, match=re.escape("'mid' does not exist in this SSD-1B UNet (it has no middle-block attention)")):
+            run([{"enabled": True, "layers": "mid"}], steps=2)
         handle.remove()
     finally:
         unload_webui()
-    assert "'mid' does not exist in this SSD-1B UNet (it has no middle-block attention)" in caplog.text
-    assert sizes == [2, 2]
+    assert "'mid' does not exist in this SSD-1B UNet" in caplog.text
+    assert sizes == []  # the job stopped before sampling: no image without the PAG that was asked for
 
 
 def test_model_switch_between_jobs_follows_the_current_model(webui):
@@ -369,18 +371,78 @@ def test_debug_log_names_scale_rows_and_layers(webui, caplog):
     assert len(steps) == 4
     assert "scale 3, 1 perturbed rows (batched), layers m0.0,u0.0" in steps[0]
     assert "scale 0, no extra rows" in steps[3]
-    assert any(r.getMessage().startswith("PAG on: scale 3") for r in caplog.records)
+    done = [r for r in caplog.records if r.getMessage().startswith("PAG done:")]
+    assert len(done) == 1 and done[0].levelno == logging.INFO
+    assert done[0].getMessage() == ("PAG done: scale 3, layers m0,u0 (2 attn1 on SD1.x), identity, batched, window 0-0.5; "
+                                    "2 of 4 model calls with PAG, 2 perturbed rows; fork before middle_block[1]")
 
 
-def test_invalid_ui_value_is_reported_and_model_untouched(webui, caplog):
+def test_one_console_line_per_job_under_the_hosts_default_logging(webui, monkeypatch):
+    """A1111/Forge configure logging only with --loglevel / SD_WEBUI_LOG_LEVEL; by default Python prints
+    WARNING and above only. PAG's summary line must still reach the console: exactly one per job."""
+    import io
+
+    from lib_pag import console
+
+    logger = logging.getLogger(console.LOGGER)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the hosts' default: nothing configured
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    out = io.StringIO()
+    assert console.show_on_console(stream=out) and not console.show_on_console(stream=out)
+    run([{"enabled": True, "layers": "mid", "scale": 2.5}], steps=3)
+    run([False])
+    run([{"enabled": True, "layers": "d0", "mode": "separate"}], steps=2)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[sd-webui-pag] INFO: PAG done: scale 2.5, layers mid (1 attn1 on SD1.x), identity, batched; "
+        "3 of 3 model calls with PAG, 3 perturbed rows; fork before middle_block[1]",
+        "[sd-webui-pag] INFO: PAG done: scale 3, layers d0 (1 attn1 on SD1.x), identity, separate; "
+        "2 of 2 model calls with PAG, 2 perturbed rows; no fork (separate mode)",
+    ], lines
+    # a module-level logging.warning(...) ran basicConfig(): the root handler prints PAG's line, once
+    root_out = io.StringIO()
+    logging.getLogger().handlers.append(logging.StreamHandler(root_out))
+    run([{"enabled": True}], steps=2)
+    assert len(out.getvalue().splitlines()) == 2 and root_out.getvalue().count("PAG done:") == 1
+    # the user chose a level (--loglevel / SD_WEBUI_LOG_LEVEL): the host's configuration decides
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    assert not console.show_on_console(level_chosen=True) and logger.level == logging.NOTSET and not logger.handlers
+
+
+@pytest.mark.parametrize("values, message", [
+    ([True, 3.0, "u77"], "PAG layers: 'u77' does not exist in this SD1.x UNet; valid: d0-d5, m0, u0-u8"),
+    ([True, 3.0, "zz"], "PAG layers: 'zz' is not a layer name"),
+    ([True, 3.0, "mid", "noise", 9.0, 250.0], "PAG noise scale: 250.0 is out of range; allowed: a number from 0 to 100"),
+    ([{"enabled": True, "end": 0.5}], None),  # control: a good value runs
+])
+def test_a_bad_ui_value_stops_the_job_with_the_message_and_no_image(webui, caplog, monkeypatch, values, message):
+    """The UI's job with a bad PAG value: no image (not one without PAG), the error the API's 422 gives, the
+    model untouched and never called."""
     model = webui[0]
     before = snapshot(model)
-    with caplog.at_level(logging.ERROR, logger="sd_webui_pag"):
-        p, processed = run([True, 3.0, "u77"])
-    assert "PAG layers: 'u77' does not exist" in caplog.text
-    assert any("PAG layers: 'u77'" in c for c in p.comments)
-    assert "PAG scale" not in processed.infotexts[0]
+    sizes, handle = unet_batches(model, monkeypatch)
+    p = txt2img(values)
+    try:
+        with caplog.at_level(logging.ERROR, logger="sd_webui_pag"):
+            if message is None:
+                assert processing.process_images(p).images
+                return
+            with pytest.raises(PagError) as raised:
+                processing.process_images(p)
+    finally:
+        handle.remove()
+    assert str(raised.value).startswith(message) and message in caplog.text
+    assert sizes == []
     assert_same_snapshot(before, snapshot(model))
+    processed = processing.process_images(txt2img([{"enabled": True}]))  # the next job runs normally
+    assert "PAG scale: 3" in processed.infotexts[0]
+
+
+def test_a_bad_value_of_pag_while_it_is_off_does_not_stop_the_job(webui):
+    _, processed = run([False, 3.0, "zz"])
+    assert processed.images and "PAG" not in processed.infotexts[0]
 
 
 def test_accordion_status_shows_errors(webui):
@@ -555,7 +617,12 @@ def test_api_checks_layers_unless_the_request_really_loads_another_checkpoint(cl
         r = request(client, bad, override_settings={"sd_model_checkpoint": name})
         assert r.status_code == 422 and r.json()["field"] == "PAG layers", (name, r.text)
     r = request(client, bad, override_settings={"sd_model_checkpoint": "other.safetensors"})
-    assert r.status_code == 200  # judged by the job on the model it loads (the double keeps this one: refused)
+    # judged by the job on the model it loads (the double keeps this one): the job stops, and the host's
+    # API error handler answers with the status and message the error carries
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "PagError" and body["detail"].startswith("PAG layers: 'u42' does not exist")
+    assert body["body"]["field"] == "PAG layers" and body["errors"] == body["detail"]
 
 
 def test_long_keys_are_shortened_in_the_body(client):
@@ -563,3 +630,21 @@ def test_long_keys_are_shortened_in_the_body(client):
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
     r = raw_request(client, '{"pag": {"args": [{"enabled": true, "' + "k" * 5000 + '": 1, "' + "k" * 5000 + '": 2}]}}')
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+
+
+def test_the_ui_shows_a_bad_value_as_the_hosts_error_box_with_no_image(webui):
+    """What Generate does with a bad PAG value: the host's ``wrap_gradio_call`` turns the job's PagError into
+    its error box under an empty gallery (the doubles of modules/call_queue.py and modules/txt2img.py)."""
+    from modules import call_queue, txt2img as txt2img_module
+
+    runner = scripts.scripts_txt2img
+    generate = call_queue.wrap_gradio_gpu_call(txt2img_module.txt2img, extra_outputs=[None, '', ''])
+    images, info_js, info, log_html = generate("task(1)", None, "a cat", "blurry",
+                                               *script_args(runner, [True, 3.0, "zz"]))
+    assert images is None and info_js == "" and info == ""
+    from lib_pag.layers import SYNTAX_HELP
+
+    message = f"PAG layers: 'zz' is not a layer name; allowed: {SYNTAX_HELP}"  # the API's 422 detail
+    assert log_html == f"<div class='error'>{html.escape('PagError: ' + message)}</div>"
+    images, info_js, info, log_html = generate("task(2)", None, "a cat", "blurry", *script_args(runner, [True, 3.0, "mid"]))
+    assert len(images) == 1 and "PAG layers: mid" in info and "error" not in log_html

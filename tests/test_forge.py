@@ -357,6 +357,40 @@ def test_bad_layer_is_refused_with_a_comment(host):
     check(host, params, results, 5.0, [0.0] * 3, strengths={})
 
 
+@pytest.mark.parametrize("args, message", [
+    ([{"enabled": True, "layers": "d9"}], "PAG layers: 'd9' does not exist in this SD1.x UNet"),
+    ([{"enabled": True, "layers": "zz"}], "PAG layers: 'zz' is not a layer name"),
+    ([{"enabled": True, "method": "noise", "noise_scale": 250}], "PAG noise scale: 250.0 is out of range"),
+    ([True, 3.0, "mid,up", "identity", 9.0, 1.0, 0.6, 0.5], "PAG start: 0.6 is not before the end"),
+])
+def test_a_bad_value_stops_the_job_at_process(host, args, message):
+    """``process`` (Forge/reForge have loaded the job's model by then): a bad setting while PAG is on stops the
+    job where the host samples (``p.sample`` raises the PagError, which the host shows as its error), before
+    anything touched the patcher — never an image without the PAG that was asked for."""
+    from lib_pag import PagError
+
+    p = Processing(SdModel(host.patcher), args, host.denoiser)
+    before = p.sd_model.forge_objects.unet
+    job = forge.start(p, p.script_args)
+    assert job is not None and not job.live
+    with pytest.raises(PagError) as raised:
+        p.sample()
+    assert str(raised.value).startswith(message)
+    assert raised.value.status_code == 422 and raised.value.body["field"] == message.split(":")[0]
+    assert p.sd_model.forge_objects.unet is before and not any(k.startswith("PAG ") for k in p.extra_generation_params)
+
+
+def test_process_leaves_a_good_or_disabled_job_to_sample(host):
+    for args in ([pag().to_dict()], [{"enabled": False, "layers": "zz"}]):
+        p = Processing(SdModel(host.patcher), args, host.denoiser)
+        forge.start(p, p.script_args)
+        assert "sample" not in p.__dict__
+    p = Processing(SdModel(host.patcher), [pag(layers="m0").to_dict()], host.denoiser, steps=3)
+    forge.start(p, p.script_args)
+    p, results = run(host, pag(layers="m0"), p=p)  # apply reuses the job process started
+    assert p.extra_generation_params["PAG layers"] == "m0" and forge.job_of(p).log
+
+
 def test_disabled_or_no_forge_objects_does_nothing(host):
     p = Processing(SdModel(host.patcher), [PagParams().to_dict()], host.denoiser)
     p.sample_pass(lambda pp: forge.apply(pp, pp.script_args))
@@ -466,3 +500,41 @@ def test_regional_prompter_switches_pag_to_separate_or_off(host, calc_mode):
         assert extra["PAG note"].startswith("separate mode: Regional Prompter (Attention mode)")
         assert all(how == "separate" for *_, how in job.log)
         check(host, params, results, 5.0, [3.0] * 3)
+
+
+def test_one_info_line_per_job_says_what_pag_did(host, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        p, _ = run(host, pag(layers="m0", end=0.6), batch=2, hires=True)
+        forge.end(p)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == [f"PAG done: scale 3, layers m0 (1 attn1 on SD1.x), identity, batched, window 0-0.6; 2 of 3 model calls "
+                    f"with PAG, 4 perturbed rows; fork before middle_block"], info
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
+        caplog.clear()
+        p, _ = run(host, pag(layers="d1", mode="separate"))
+        forge.end(p)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 1 and "separate; 3 of 3 model calls with PAG, 3 perturbed rows; no fork (separate mode)" in info[0], info
+
+
+def test_forges_own_pag_next_to_this_one_is_said_in_the_log_and_the_infotext(host, caplog):
+    """Forge 2's "PerturbedAttentionGuidance Integrated" (sorting priority 13: its hook runs before PAG's)
+    writes pagi_enabled; ticking both applies PAG twice — allowed, but never silently."""
+    import logging
+
+    params = pag()
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=3)
+    p.extra_generation_params.update({"pagi_enabled": True, "pagi_scale": 3.0})
+    with caplog.at_level(logging.WARNING, logger="sd_webui_pag"):
+        p, results = run(host, params, p=p)
+    note = p.extra_generation_params["PAG note"]
+    assert note.startswith("Forge's PerturbedAttentionGuidance Integrated is on too") and "applied twice" in note
+    assert p.extra_generation_params["PAG scale"] == "3"  # PAG ran as asked
+    assert "applied twice" in caplog.text
+    check(host, params, results, 5.0, [3.0] * 3)
+    p = Processing(SdModel(host.patcher), [params.to_dict()], host.denoiser, steps=3)
+    p.extra_generation_params.update({"pagi_enabled": False})
+    p, _ = run(host, params, p=p)
+    assert "PAG note" not in p.extra_generation_params

@@ -215,12 +215,15 @@ def test_forge2_someone_elses_object_patch_is_left_alone(host, caplog):
     base = host.patcher.clone()
     base.add_object_patch(forge_fork.OBJECT_PATCH, their_forward)
     params = pag(layers="mid,up")
-    with caplog.at_level(logging.INFO, logger="sd_webui_pag"):
+    with caplog.at_level(logging.DEBUG, logger="sd_webui_pag"):
         p, results = run(host, params, p=Processing(SdModel(base), [params.to_dict()], host.denoiser, steps=3))
+        forge.end(p)
     check(host, params, results, 5.0, [3.0] * 3)
     assert seen == [3, 3, 3]  # theirs ran on every (twinned) call
     assert p.sd_model.forge_objects.unet.object_patches[forge_fork.OBJECT_PATCH] is their_forward
-    assert "no shared-prefix fork (another object patch on diffusion_model.forward)" in caplog.text
+    assert "no shared-prefix fork (another object patch on diffusion_model.forward)" in caplog.text  # DEBUG, per pass
+    summary = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]  # the job's one console line
+    assert len(summary) == 1 and summary[0].endswith("; no fork (another object patch on diffusion_model.forward)"), summary
 
 
 def test_reforge_wrapper_rides_only_the_twinned_call_and_other_wrappers_run(host):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from lib_pag.ui import with_groups, groups_in
 from lib_pag.layers import resolve_layers, build_catalog
@@ -65,9 +67,26 @@ def test_opening_the_accordion_redraws_the_map_for_the_loaded_model():
         controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}", lambda: loaded["unet"])
     enabled = controls[0]
     handlers = [demo.fns[i] for i, dep in enumerate(demo.dependencies)
-                if enabled._id in dep["targets"] and dep["trigger"] == "change"]  # gradio 3.41's layout
+                if enabled._id in dep["targets"] and dep["trigger"] == "change" and dep["backend_fn"]]  # gradio 3.41's layout
     assert len(handlers) == 1
+    before = json.loads(handlers[0].fn("mid"))
+    assert before["for"] == "mid" and before["map"] == "" and "pag-pending" in before["status"]
     loaded["unet"] = sdxl_unet("base", seed=0)
-    status, _groups, layer_map = handlers[0].fn("mid")
-    assert "SDXL" in layer_map and "SD1.x" not in layer_map
-    assert "SDXL" in status
+    reply = json.loads(handlers[0].fn("mid"))  # the reply the browser copies into status, groups and map
+    assert reply["for"] == "mid" and reply["groups"] == ["mid"]
+    assert "SDXL" in reply["map"] and "SD1.x" not in reply["map"]
+    assert "SDXL" in reply["status"]
+
+
+def test_every_pag_control_has_a_hover_hint():
+    """The hosts show ``webui_tooltip`` as the element's title (hints.js); every control and the accordion get one."""
+    import gradio as gr
+    from lib_pag.params import field_names
+    from lib_pag.ui import HINTS, build_ui
+
+    with gr.Blocks() as demo:
+        controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}")
+    assert [c.webui_tooltip for c in controls] == [HINTS[name] for name in field_names()]
+    hinted = {c.elem_id for c in demo.blocks.values() if getattr(c, "webui_tooltip", None)}
+    assert {f"pag_{n}" for n in ("preset", "groups", "status", "layer_map", "schedule_plot", "scale", "layers")} <= hinted
+    assert all(len(text) > 20 for text in HINTS.values())

@@ -62,19 +62,45 @@ def page_css() -> str | None:
     return css.read_text(encoding="utf-8") if css.is_file() else None
 
 
+def add_generate_row(demo, runner) -> None:
+    """What A1111's ``modules/ui.py`` wires around the txt2img scripts, reduced: prompt boxes, *Generate*
+    (``wrap_gradio_gpu_call(txt2img, extra_outputs=[None, '', ''])`` with every script control as input) and
+    the outputs — gallery, generation info, infotext, and the ``html_log`` that shows the host's errors."""
+    import gradio as gr
+    from modules import call_queue, txt2img
+
+    with demo:
+        with gr.Row():
+            prompt = gr.Textbox(value="a cat", label="Prompt", elem_id="txt2img_prompt")
+            negative = gr.Textbox(value="blurry", label="Negative prompt", elem_id="txt2img_neg_prompt")
+            submit = gr.Button("Generate", elem_id="txt2img_generate")
+        id_task = gr.Textbox(value="task(browser)", visible=False)
+        gallery = gr.Gallery(elem_id="txt2img_gallery")
+        generation_info = gr.Textbox(visible=False, elem_id="generation_info_txt2img")
+        html_info = gr.HTML(elem_id="html_info_txt2img")
+        html_log = gr.HTML(elem_id="html_log_txt2img")
+        submit.click(call_queue.wrap_gradio_gpu_call(txt2img.txt2img, extra_outputs=[None, '', '']),
+                     inputs=[id_task, prompt, negative, *runner.inputs], outputs=[gallery, generation_info, html_info, html_log],
+                     show_progress=False)
+
+
 @contextmanager
-def served_page():
-    """Yield ``(demo, url, runner)``: the txt2img script UI with PAG, served until the block exits."""
+def served_page(model=None, *, generate: bool = False):
+    """Yield ``(demo, url, runner)``: the txt2img script UI with PAG (``model`` loaded; ``generate``: with
+    a prompt row, *Generate* and the outputs), served like the host (``queue(64)``) until the block exits."""
     from a1111_harness import load_webui, unload_webui
     from modules import scripts
 
-    load_webui(None, with_xyz=False)
+    load_webui(model, with_xyz=False)
     runner = scripts.scripts_txt2img
     demo = runner.demo
     try:
+        if generate:
+            add_generate_row(demo, runner)
         css = page_css()
         if css is not None:
             demo.css = css  # what the host does with an extension's style.css; launch() rebuilds the config
+        demo.queue(64)  # webui.py: shared.demo.queue(64) — events of one page run concurrently
         port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                     show_api=False, share=False, inbrowser=False)
@@ -150,6 +176,21 @@ class Chromium:
             time.sleep(0.1)
         raise TimeoutError(f"timed out waiting for {what or expression}")
 
+    def type_fast(self, selector: str, text: str, *, replace: bool = True, whole: bool = False):
+        """Focus the element ``selector`` (inside the app root), select its text (``replace``) and type ``text``
+        one character at a time with no pause between keys (each a DevTools ``Input.insertText``, as an IME
+        commits it: an ``input`` event per character); ``whole``: all of it in one input event (a paste)."""
+        self.evaluate(f"(() => {{ const e = {ROOT_JS}.querySelector({json.dumps(selector)}); e.focus();"
+                      f" {'e.select();' if replace else ''} return true; }})()")
+        for piece in ([text] if whole else text):
+            self.send("Input.insertText", text=piece)
+
+    def text_of(self, selector: str):
+        return self.evaluate(f"(() => {{ const e = {ROOT_JS}.querySelector({json.dumps(selector)}); return e ? e.innerText : null; }})()")
+
+    def value_of(self, selector: str):
+        return self.evaluate(f"(() => {{ const e = {ROOT_JS}.querySelector({json.dumps(selector)}); return e ? e.value : null; }})()")
+
     def click(self, x: float, y: float):
         """A real mouse click (press + release) at page coordinates, as a user would do it."""
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
@@ -197,8 +238,8 @@ def visible_js(elem_id: str) -> str:
     return f"(() => {{ const r = {rect_js(elem_id)}; return !!r && r.width > 0 && r.height > 0; }})()"
 
 
-def open_accordion_and_capture(browser: Chromium, url: str, png: Path, timeout: float = 25.0) -> dict:
-    """Load the page, click the PAG accordion open, screenshot it; returns what the page showed."""
+def load_and_open_accordion(browser: Chromium, url: str, timeout: float = 25.0) -> str:
+    """Load the page, click the PAG accordion open like a user; returns the accordion's text while closed."""
     browser.send("Page.enable")
     browser.send("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
                  mobile=False)
@@ -209,6 +250,12 @@ def open_accordion_and_capture(browser: Chromium, url: str, png: Path, timeout: 
     header = browser.wait_for(rect_js(ACCORDION_ID, ".label-wrap"), timeout, "the accordion header")
     browser.click(header["x"] + header["width"] / 2, header["y"] + header["height"] / 2)
     browser.wait_for(visible_js("script_txt2img_pag_scale"), timeout, "the accordion to open")
+    return closed_text
+
+
+def open_accordion_and_capture(browser: Chromium, url: str, png: Path, timeout: float = 25.0) -> dict:
+    """Load the page, click the PAG accordion open, screenshot it; returns what the page showed."""
+    closed_text = load_and_open_accordion(browser, url, timeout)
     # let the opened controls lay out and (failed) font requests settle before the picture
     browser.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 300))))")
     accordion = browser.evaluate(rect_js(ACCORDION_ID))

@@ -235,6 +235,8 @@ def run_checks():
             if isinstance(control, (gr.Dropdown, gr.Radio)):
                 choices = [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in control.choices]
                 c.check(control.value in choices, pre + f"{name}: default {control.value!r} not among {choices}")
+        c.check(all(getattr(x, "webui_tooltip", None) for x in controls) and getattr(by_name["enabled"].accordion, "webui_tooltip", None),
+                pre + "a control without its hover hint (webui_tooltip, which Forge's hints.js shows as the title)")
         enabled = by_name["enabled"]
         c.check(isinstance(enabled, gr.Checkbox) and enabled.visible is False, pre + "enabled is not a hidden gr.Checkbox")
         c.check(enabled.elem_id == f"script_{tab}_pag_enabled-checkbox", pre + f"enabled elem_id {enabled.elem_id!r}")
@@ -283,10 +285,16 @@ def run_checks():
         # events: the accordion's js toggle, presets, layers, groups, schedule plot, and the paste click
         fns = [blocks.fns[i] for i in b["fns"]]
         js_only = [f for f in fns if f.fn is None]
-        c.check(len(js_only) == 1 and js_only[0].js and "inputAccordionChecked" in js_only[0].js,
-                pre + "the accordion's js change event is missing")
+        toggles = [f for f in js_only if f.js and "inputAccordionChecked" in f.js]
+        applies = [f for f in js_only if f.js and "JSON.parse(" in f.js]
+        c.check(len(toggles) == 1, pre + "the accordion's js change event is missing")
+        # each server-side check is followed by the browser-side step that applies its reply only while fresh
+        c.check(len(applies) == 17 and len(js_only) == 18,
+                pre + f"{len(applies)} reply-applying js events, not 17 (layers, enabled, layers retry, 13 schedule/settings "
+                      "inputs, schedule retry)")
         python_fns = [f for f in fns if f.fn is not None]
-        c.check(len(python_fns) == 10, pre + f"{len(python_fns)} python events, not 10 (preset, layers, enabled → map, groups, 6 schedule inputs)")
+        c.check(len(python_fns) == 19, pre + f"{len(python_fns)} python events, not 19 (preset, layers, enabled → map, "
+                                             "layers retry, groups, 13 schedule/settings inputs, schedule retry)")
         ran = []
         ids = {x._id: n for n, x in by_name.items()}
         for f in python_fns:
