@@ -133,8 +133,9 @@ class PagParams:
                                f"gives guidance {index} twice")
             old = branches.get(index)
             given.setdefault("enabled", True)
+            # a fresh request's guidance takes its method's own layers; an override (X/Y/Z, p.pag2_*) the job's
             branches[index] = BranchParams.from_dict(index, given, strings_ok=strings_ok, base=old,
-                                                     defaults_by_method=old is None)
+                                                     defaults_by_method=old is None and base is None)
         values["branches"] = tuple(b for _, b in sorted(branches.items()) if b.enabled)
         return dataclasses.replace(start, **values)
 

@@ -17,8 +17,8 @@ from .checkpoints import ModelView, view_of_unet
 from .layers import PARTS, family_unet, parse_layer_spec, resolve_layers
 from .maps import layer_map_svg, schedule_svg
 from .params import (
-    EXEC_MODES, HIRES_MODES, METHODS, PRESETS, SCHEDULES, UI_INFINITY, PagParams, field_names, format_value, label_of,
-    params_from_positional,
+    BRANCH_FIELDS, EXEC_MODES, HIRES_MODES, MAX_BRANCHES, METHOD_LAYERS, METHODS, PRESETS, SCHEDULES, UI_INFINITY,
+    BranchParams, PagParams, field_names, format_value, label_of, numbered_key, params_from_positional,
 )
 
 log = logging.getLogger("sd_webui_pag")
@@ -39,9 +39,11 @@ HINTS = {
               "paths; ':0.5' after an entry for half strength. The line below checks it against the model the next job uses.",
     "status": "What the layer text selects on the model the next job will use, or what is wrong with it.",
     "layer_map": "The UNet's attention blocks (down, mid, up); the filled cells are perturbed.",
-    "method": "identity: the paper's PAG (the attention returns V); blur: blur the queries over the token grid; "
-              "noise: Gaussian noise on the attention logits.",
-    "blur_sigma": "blur only: Gaussian sigma in tokens (≥ 1e6 means infinite: every query becomes the mean query).",
+    "method": "identity: the paper's PAG (the attention returns V); seg: Smoothed Energy Guidance (the query blurred "
+              "by a 2-D Gaussian, as in its paper); tpg: Token Perturbation Guidance (the tokens entering the chosen "
+              "transformer blocks shuffled); blur: this extension's older SEG-style blur; noise: Gaussian noise on the "
+              "attention logits. Picking a method while the layers hold another method's default switches them to its own.",
+    "blur_sigma": "blur and seg: Gaussian sigma in tokens (≥ 1e6 means infinite: every query becomes the mean query).",
     "noise_scale": "noise only: standard deviation of the noise added to the attention logits (0–100).",
     "start": "First model call with PAG, as a fraction of the model calls of the sampling pass (0–1).",
     "end": "PAG stops at this fraction of the pass's model calls (0–1, above start).",
@@ -56,6 +58,11 @@ HINTS = {
     "mode": "batched: the perturbed rows join the CFG batch (fastest); separate: an extra UNet call for them (least memory).",
     "schedule_plot": "The PAG scale at each of 20 steps (and of a hires pass that has its own setting); in its place, "
                      "the first bad setting, if any.",
+    "more": "Up to two more perturbation guidances in the same job (e.g. SEG and TPG beside PAG): their perturbed "
+            "rows ride in the same UNet call; each has its own settings. Every setting of PAG above applies to the "
+            "first guidance only; mode is the job's.",
+    "branch_enabled": "Run this guidance too (PAG must be on): its term s·(cond − perturbed) adds to the others.",
+    "branch_status": "What this guidance's layers select on the model the next job will use, or its first bad setting.",
 }
 
 
@@ -83,7 +90,7 @@ def job_model_view(model) -> ModelView:
     return view_of_unet(model)
 
 
-def validation_message(layers: str, model=None) -> str:
+def validation_message(layers: str, model=None, field: str = "PAG layers") -> str:
     """HTML for the status line: what the layer text selects on the model the next job will use
     (``model``: a ``ModelView``, a loaded UNet module, or None), or the error naming field and allowed
     values. While that model is not known, a well-formed text is said to be checked when the job starts —
@@ -91,10 +98,13 @@ def validation_message(layers: str, model=None) -> str:
     view = job_model_view(model)
     attr = f" data-layers='{html.escape(str(layers), quote=True)}'"
     try:
-        parse_layer_spec(layers)
+        try:
+            parse_layer_spec(layers)
+        except PagError as err:
+            raise err.relabeled(field) from None
         if view.catalog is None:
             return f"<span class='pag-pending'{attr}>{html.escape(view.reason)}</span>"
-        selection = resolve_layers(layers, view.catalog)
+        selection = resolve_layers(layers, view.catalog, field=field)
         where = f"this {family_unet(selection.catalog.arch)}"
         if view.source == "file":
             where = f"the {family_unet(selection.catalog.arch)} of {view.name} (read from the file; it loads when the job starts)"
@@ -215,22 +225,62 @@ def fill_pasted_params(_infotext: str, params: dict) -> None:
     """``on_infotext_pasted``: complete the parsed infotext the way the PAG controls need it.
 
     Like the host's own defaults for missing keys: with PAG keys present, every PAG key gets its value
-    (absent ones their default, ``PAG enabled: True``); without any, ``PAG enabled: False``. A bad PAG
-    value is reported and the PAG keys dropped, so the controls stay as they are.
+    (absent ones their default, ``PAG enabled: True``); without any, ``PAG enabled: False``. Guidances 2 and 3
+    likewise: with any of their keys (``PAG 2 method``, …) every one of their controls gets its value and the
+    guidance is ticked; without, it is unticked. A bad PAG value is reported and the PAG keys dropped, so the
+    controls stay as they are.
     """
     labels = [label_of(name) for name in field_names()]
     present = {k: params[k] for k in labels if k in params}
-    if not present:
+    numbered = {k: params[k] for k in params if numbered_key(k) is not None}
+    if not present and not numbered:
         params[label_of("enabled")] = "False"
+        for index in range(2, MAX_BRANCHES + 1):
+            params[BranchParams(index).label("enabled")] = "False"
         return
     try:
-        parsed = PagParams.from_infotext(present)
+        parsed = PagParams.from_infotext({**present, **numbered})
     except PagError as err:
         log.error("PAG infotext not pasted: %s", err)
-        for key in present:
+        for key in [*present, *numbered]:
             del params[key]
         return
     params.update({label_of(name): _ui_text(getattr(parsed, name)) for name in field_names()})
+    branches = {b.index: b for b in parsed.branches}
+    for index in range(2, MAX_BRANCHES + 1):
+        branch = branches.get(index)
+        if branch is None:
+            params[BranchParams(index).label("enabled")] = "False"
+            continue
+        params.update({branch.label(name): _ui_text(getattr(branch, name)) for name in BRANCH_FIELDS})
+
+
+def default_layers(method: str) -> str:
+    """The layers a method starts from: its paper's (``METHOD_LAYERS``), else PAG's ``mid,up``."""
+    return METHOD_LAYERS.get(method, PagParams().layers)
+
+
+def on_method(method, layers):
+    """A method picked by hand: layers that hold the previous method's default become the new method's."""
+    if str(layers).strip() in {PagParams().layers, *METHOD_LAYERS.values()}:
+        return default_layers(method)
+    return layers
+
+
+def branch_check(index: int, model, *values) -> str:
+    """HTML for guidance ``index``'s status line: its first bad setting, or what its layers select on the model the
+    next job will use (``values``: its controls in ``BRANCH_FIELDS`` order)."""
+    settings = dict(zip(BRANCH_FIELDS, values))
+    if not settings.get("enabled"):
+        return "<span class='pag-pending'>Off: tick it to run this guidance too.</span>"
+    try:
+        blur = settings.get("blur_sigma")
+        if isinstance(blur, (int, float)) and blur >= UI_INFINITY:
+            settings["blur_sigma"] = math.inf
+        BranchParams.from_dict(index, settings, defaults_by_method=False)
+    except PagError as err:
+        return f"<span class='pag-error'>{html.escape(str(err))}</span>"
+    return validation_message(settings.get("layers"), model, field=BranchParams(index).label("layers"))
 
 
 def fallback_accordion(gr):
@@ -279,18 +329,27 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
             mode = gr.Radio(label=label_of("mode"), choices=list(EXEC_MODES), value=d.mode, elem_id=elem_id("mode"))
         schedule_plot = gr.HTML(value=schedule_html(d.scale, d.start, d.end, d.schedule, d.hires, d.hires_scale),
                                 elem_id=elem_id("schedule_plot"), elem_classes=["pag-map"])
+        # guidances 2 and 3: closed until needed; their controls follow the 15 main ones in the script args
+        branch_controls = {}
+        with gr.Accordion("More guidances: SEG, TPG, … beside PAG", open=False, elem_id=elem_id("more")) as more:
+            for index in range(2, MAX_BRANCHES + 1):
+                branch_controls[index] = _branch_controls(gr, index, elem_id)
         # replies of the server-side checks, and the "ask again" nonces (see _wire_replies); never script args
+        names = ["layers_reply", "layers_retry", "schedule_reply", "schedule_retry"]
+        names += [f"branch{i}_{kind}" for i in range(2, MAX_BRANCHES + 1) for kind in ("reply", "retry")]
         replies = {name: gr.Textbox(value="", visible=False, elem_id=elem_id(name), elem_classes=["pag-reply"])
-                   for name in ("layers_reply", "layers_retry", "schedule_reply", "schedule_retry")}
+                   for name in names}
 
     controls = {"enabled": enabled, "scale": scale, "layers": layers, "method": method, "blur_sigma": blur_sigma,
                 "noise_scale": noise_scale, "start": start, "end": end, "sigma_start": sigma_start,
                 "sigma_end": sigma_end, "schedule": schedule, "rescale": rescale, "hires": hires,
                 "hires_scale": hires_scale, "mode": mode}
     for name, component in {**controls, "preset": preset, "groups": groups, "status": status, "layer_map": layer_map,
-                            "schedule_plot": schedule_plot}.items():
+                            "schedule_plot": schedule_plot, "more": more}.items():
         _hint(component, name)
     ordered = [controls[name] for name in field_names()]
+    for index in range(2, MAX_BRANCHES + 1):
+        ordered += [branch_controls[index][name] for name in BRANCH_FIELDS]
 
     def on_preset(name):
         values = PRESETS.get(name)
@@ -319,12 +378,83 @@ def build_ui(gr, input_accordion, elem_id, job_model=lambda: None):
     if hasattr(groups, "input"):  # user ticks only; .change would also fire on the programmatic update above
         groups.input(lambda g, text: gr.update(value=with_groups(text, g)), inputs=[groups, layers], outputs=[layers],
                      show_progress=False)
+    if hasattr(method, "input"):  # a method picked by hand (not a paste, which sets method and layers together)
+        method.input(on_method, inputs=[method, layers], outputs=[layers], show_progress=False)
+
+    def model_view():
+        try:
+            return job_model_view(job_model())
+        except Exception:
+            log.debug("PAG: the job-model lookup failed", exc_info=True)
+            return job_model_view(None)
+
+    for index, branch in branch_controls.items():
+        inputs = [branch[name] for name in BRANCH_FIELDS]
+
+        def branch_reply(*values, index=index):
+            return reply_json(list(values), plot=branch_check(index, model_view(), *values))
+
+        _wire_replies(gr, branch_reply, inputs, [*inputs, enabled], replies[f"branch{index}_reply"],
+                      replies[f"branch{index}_retry"], [branch["status"]], APPLY_SCHEDULE_JS)
+        if hasattr(branch["method"], "input"):
+            branch["method"].input(on_method, inputs=[branch["method"], branch["layers"]], outputs=[branch["layers"]],
+                                   show_progress=False)
 
     # plain label keys: the host pastes them (completed by fill_pasted_params) and copies them between tabs
     infotext_fields = [(control, label_of(name)) for name, control in controls.items()]
     paste_field_names = [label_of(name) for name in field_names()]
+    for index, branch in branch_controls.items():
+        labels = BranchParams(index)
+        infotext_fields += [(branch[name], labels.label(name)) for name in BRANCH_FIELDS]
+        paste_field_names += [labels.label(name) for name in BRANCH_FIELDS]
     return ordered, infotext_fields, paste_field_names
 
 
-__all__ = ["HINTS", "build_ui", "fill_pasted_params", "groups_in", "job_model_view", "layer_map_html", "reply_json",
-           "schedule_html", "validation_message", "with_groups"]
+# what guidances 2 and 3 start as in the UI: SEG on its default layers, TPG on the paper's SDXL set
+BRANCH_UI_METHODS = {2: "seg", 3: "tpg"}
+
+
+def _branch_controls(gr, index: int, elem_id) -> dict:
+    """Guidance ``index``'s controls (``BRANCH_FIELDS`` and a status line), labelled ``PAG 2 …`` like its infotext keys."""
+    d = BranchParams(index)
+    method = BRANCH_UI_METHODS.get(index, d.method)
+    label = d.label
+
+    def eid(name):
+        return elem_id(f"g{index}_{name}")
+
+    with gr.Group(elem_id=eid("group"), elem_classes=["pag-guidance"]):
+        with gr.Row(elem_classes=["pag-row"]):
+            c = {"enabled": gr.Checkbox(label=f"Guidance {index}", value=False, elem_id=eid("enabled"))}
+            c["method"] = gr.Dropdown(label=label("method"), choices=list(METHODS), value=method, elem_id=eid("method"))
+            c["scale"] = gr.Slider(label=label("scale"), minimum=0.0, maximum=20.0, step=0.1, value=d.scale, elem_id=eid("scale"))
+            c["layers"] = gr.Textbox(label=label("layers"), value=default_layers(method), lines=1, elem_id=eid("layers"))
+        c["status"] = gr.HTML(value="<span class='pag-pending'>Off: tick it to run this guidance too.</span>",
+                              elem_id=eid("status"), elem_classes=["pag-status"])
+        with gr.Row(elem_classes=["pag-row"]):
+            c["blur_sigma"] = gr.Number(label=label("blur_sigma") + f" (≥{UI_INFINITY:g} = mean)", value=d.blur_sigma,
+                                        elem_id=eid("blur_sigma"))
+            c["noise_scale"] = gr.Number(label=label("noise_scale"), value=d.noise_scale, elem_id=eid("noise_scale"))
+            c["start"] = gr.Slider(label=label("start"), minimum=0.0, maximum=1.0, step=0.01, value=d.start, elem_id=eid("start"))
+            c["end"] = gr.Slider(label=label("end"), minimum=0.0, maximum=1.0, step=0.01, value=d.end, elem_id=eid("end"))
+        with gr.Row(elem_classes=["pag-row"]):
+            c["sigma_start"] = gr.Number(label=label("sigma_start") + " (0 = off)", value=d.sigma_start, elem_id=eid("sigma_start"))
+            c["sigma_end"] = gr.Number(label=label("sigma_end") + " (0 = off)", value=d.sigma_end, elem_id=eid("sigma_end"))
+            c["schedule"] = gr.Dropdown(label=label("schedule"), choices=list(SCHEDULES), value=d.schedule, elem_id=eid("schedule"))
+            c["rescale"] = gr.Slider(label=label("rescale"), minimum=0.0, maximum=1.0, step=0.05, value=d.rescale, elem_id=eid("rescale"))
+        with gr.Row(elem_classes=["pag-row"]):
+            c["hires"] = gr.Dropdown(label=label("hires") + " pass", choices=list(HIRES_MODES), value=d.hires, elem_id=eid("hires"))
+            c["hires_scale"] = gr.Slider(label=label("hires_scale"), minimum=0.0, maximum=20.0, step=0.1, value=d.hires_scale,
+                                         elem_id=eid("hires_scale"))
+    for name, component in c.items():
+        if name == "enabled":
+            _hint(component, "branch_enabled")
+        elif name == "status":
+            _hint(component, "branch_status")
+        else:
+            component.webui_tooltip = f"Guidance {index}: " + HINTS[name]
+    return c
+
+
+__all__ = ["HINTS", "branch_check", "build_ui", "default_layers", "fill_pasted_params", "groups_in", "job_model_view",
+           "layer_map_html", "on_method", "reply_json", "schedule_html", "validation_message", "with_groups"]

@@ -20,9 +20,8 @@ import logging
 from typing import Callable
 
 from .errors import PagError
-from .job import XYZ_ENABLED_BY, asks_for_pag, for_host, params_from_script_args
-from .layers import resolve_layers
-from .params import METHODS, PagParams
+from .job import XYZ_ENABLED_BY, asks_for_pag, for_host, params_from_script_args, resolve_guidances
+from .params import MAX_BRANCHES, METHODS, PagParams
 
 log = logging.getLogger("sd_webui_pag")
 LABEL_PREFIX = "[PAG] "
@@ -42,8 +41,10 @@ def _bool(value):
 
 
 def axis_specs():
-    """(label, value type, p attribute, choices) for each axis."""
-    return [
+    """(label, value type, p attribute, choices) for each axis: the main settings (``[PAG] Scale`` sets
+    ``p.pag_scale``), then guidances 2 and 3 (``[PAG 2] Scale`` sets ``p.pag2_scale``; a value turns that
+    guidance on in its cell)."""
+    specs = [
         ("Enabled", _bool, "pag_enabled", lambda: ["True", "False"]),
         ("Scale", float, "pag_scale", None),
         ("Layers", _text, "pag_layers", None),
@@ -52,6 +53,21 @@ def axis_specs():
         ("End", float, "pag_end", None),
         ("Rescale", float, "pag_rescale", None),
     ]
+    for index in range(2, MAX_BRANCHES + 1):
+        specs += [(f"{index}] Method", _text, f"pag{index}_method", lambda: list(METHODS)),
+                  (f"{index}] Scale", float, f"pag{index}_scale", None),
+                  (f"{index}] Layers", _text, f"pag{index}_layers", None)]
+    return specs
+
+
+def full_label(label: str) -> str:
+    """``[PAG] Scale``, and for guidances 2 and 3 ``[PAG 2] Scale`` (their specs' labels start ``2] ``)."""
+    return f"[PAG {label}" if label[:1].isdigit() else LABEL_PREFIX + label
+
+
+def field_of(attribute: str) -> str:
+    """The override key of a ``p`` attribute: ``pag_scale`` → ``scale``; ``pag2_scale`` stays (a numbered key)."""
+    return attribute[len("pag_"):] if attribute.startswith("pag_") else attribute
 
 
 def check_grid(p, axes: list, args, catalog=None) -> None:
@@ -82,9 +98,11 @@ def check_grid(p, axes: list, args, catalog=None) -> None:
             params = params_from_script_args(args, p, overrides, xyz=False) if wants is not False else None
             if wants is None and params is not None and not params.enabled:
                 params = None
-            if params is not None and catalog is not None and params.layers not in resolved:
-                resolve_layers(params.layers, catalog)
-                resolved[params.layers] = True
+            if params is not None and catalog is not None:
+                layers = tuple(g.layers for g in params.guidances())
+                if layers not in resolved:
+                    resolve_guidances(params, catalog)
+                    resolved[layers] = True
         except PagError as err:
             if wants is None and not asks_for_pag(args, p):
                 continue  # PAG stays off in this cell: its values are not used
@@ -97,19 +115,19 @@ def _confirm(label, attribute, has_choices, job_args: Callable, job_catalog: Cal
     """Reject a bad axis value before the grid starts, with the same message as everywhere else; an axis
     without values (the X/Y/Z script reads a choice axis' dropdown, not its text, while "use text inputs"
     is off — an API client that filled only the text gets no cell at all) is an error too."""
-    field = attribute[len("pag_"):]
-    full_label = LABEL_PREFIX + label
+    field = field_of(attribute)
+    label_text = full_label(label)
 
     def confirm(p, values):
         try:
             if not values:
                 where = (" (with text inputs off, a choice axis takes its values from the dropdown: the API's "
                          "*_values_dropdown argument)") if has_choices else ""
-                raise PagError(full_label, values, "at least one value", f"has no values{where}")
+                raise PagError(label_text, values, "at least one value", f"has no values{where}")
             for value in values:  # each value on its own first: the message names the value, not a combination
                 PagParams(enabled=True).with_overrides(**{field: value})
-            axes = [entry for entry in getattr(p, AXES_ATTR, []) if entry[0] != full_label]
-            axes.append((full_label, field, list(values)))
+            axes = [entry for entry in getattr(p, AXES_ATTR, []) if entry[0] != label_text]
+            axes.append((label_text, field, list(values)))
             setattr(p, AXES_ATTR, axes)
             check_grid(p, axes, _ask(job_args, p), _ask(job_catalog, p))
         except PagError as err:
@@ -138,7 +156,7 @@ def add_axes(xyz_module, job_args: Callable | None = None, job_catalog: Callable
     added = 0
     for label, kind, attribute, choices in axis_specs():
         options.append(xyz_module.AxisOption(
-            LABEL_PREFIX + label, kind, xyz_module.apply_field(attribute),
+            full_label(label), kind, xyz_module.apply_field(attribute),
             confirm=_confirm(label, attribute, choices is not None, job_args, job_catalog), choices=choices,
         ))
         added += 1

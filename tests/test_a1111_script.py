@@ -209,7 +209,7 @@ def test_send_to_the_other_tab_copies_every_pag_control(webui):
     dst, _ = pag_script(is_img2img=True)
     copied_from = [c for c, key in src.infotext_fields if key in dst.paste_field_names]
     copied_to = [c for c, key in dst.infotext_fields if key in src.paste_field_names]
-    assert len(copied_from) == len(copied_to) == 15
+    assert len(copied_from) == len(copied_to) == 15 + 2 * 14  # the main settings, then guidances 2 and 3
 
 
 def test_a_bad_pasted_value_leaves_the_controls_alone(webui, caplog):

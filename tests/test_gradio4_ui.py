@@ -74,7 +74,10 @@ def test_infotext_and_events(summary):
         assert pasted["enabled"] is True and pasted["scale"] == 4.5 and pasted["layers"] == "m0,u1"
         assert pasted["method"] == "blur" and pasted["blur_sigma"] == 1e6 and pasted["mode"] == "separate"
         events = built["events"]
-        assert events["js"] == 18 and events["python"] == 19 and len(events["ran"]) == 19
+        assert pasted["2.enabled"] is True and pasted["2.method"] == "seg" and pasted["2.blur_sigma"] == 1.5
+        assert pasted["3.enabled"] is False  # not in the pasted text: unticked
+        # the main checks (18 js, 20 python) and, per extra guidance, 16 checks each with its js step + method picked
+        assert events["js"] == 18 + 2 * 16 and events["python"] == 20 + 2 * 17 and len(events["ran"]) == 20 + 2 * 17
 
 
 def test_fast_typing_in_chromium_under_gradio4():

@@ -67,7 +67,8 @@ def test_opening_the_accordion_redraws_the_map_for_the_loaded_model():
         controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}", lambda: loaded["unet"])
     enabled = controls[0]
     handlers = [demo.fns[i] for i, dep in enumerate(demo.dependencies)
-                if enabled._id in dep["targets"] and dep["trigger"] == "change" and dep["backend_fn"]]  # gradio 3.41's layout
+                if enabled._id in dep["targets"] and dep["trigger"] == "change" and dep["backend_fn"]  # gradio 3.41's layout
+                and demo.fns[i].fn.__name__ == "layers_reply"]  # (guidances 2 and 3 redraw their own status too)
     assert len(handlers) == 1
     before = json.loads(handlers[0].fn("mid"))
     assert before["for"] == "mid" and before["map"] == "" and "pag-pending" in before["status"]
@@ -86,7 +87,13 @@ def test_every_pag_control_has_a_hover_hint():
 
     with gr.Blocks() as demo:
         controls, _, _ = build_ui(gr, None, lambda name: f"pag_{name}")
-    assert [c.webui_tooltip for c in controls] == [HINTS[name] for name in field_names()]
+    assert [c.webui_tooltip for c in controls[:15]] == [HINTS[name] for name in field_names()]
+    from lib_pag.params import BRANCH_FIELDS
+
+    for k, index in enumerate((2, 3)):  # guidances 2 and 3: the same hints, said to be theirs
+        branch = controls[15 + 14 * k:15 + 14 * (k + 1)]
+        assert branch[0].webui_tooltip == HINTS["branch_enabled"]
+        assert [c.webui_tooltip for c in branch[1:]] == [f"Guidance {index}: " + HINTS[n] for n in BRANCH_FIELDS[1:]]
     hinted = {c.elem_id for c in demo.blocks.values() if getattr(c, "webui_tooltip", None)}
     assert {f"pag_{n}" for n in ("preset", "groups", "status", "layer_map", "schedule_plot", "scale", "layers")} <= hinted
     assert all(len(text) > 20 for text in HINTS.values())

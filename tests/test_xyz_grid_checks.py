@@ -137,3 +137,34 @@ def test_through_the_api_a_bad_cell_is_a_422_with_the_same_message(webui):
     r = post([{"enabled": False}], "[PAG] Scale", "1, 5")
     assert r.status_code == 200, r.text
     assert r.json()["info"].count("turned on by the X/Y/Z axis [PAG] Scale") >= 1
+
+
+# --- guidances 2 and 3 (issue 19) ----------------------------------------------------------------------
+
+def test_guidance_axes_run_each_cell_with_its_own_guidance(webui):
+    """[PAG 2] Method × [PAG 2] Scale: each cell runs guidance 2 with its values (turned on by the axis), the
+    infotext says so, and a cell's values really change its image."""
+    labels = [o.label for o in next(s for s in scripts.scripts_txt2img.selectable_scripts
+                                    if s.title() == "X/Y/Z plot").current_axis_options]
+    for label in ("[PAG 2] Method", "[PAG 2] Scale", "[PAG 2] Layers", "[PAG 3] Method", "[PAG 3] Scale", "[PAG 3] Layers"):
+        assert labels.count(label) == 1
+    processed = grid([{"enabled": True, "layers": "mid"}], ("[PAG 2] Method", "seg, tpg"), ("[PAG 2] Scale", "1, 4"),
+                     ("[PAG 2] Layers", "mid"), width=128, height=128)
+    texts = processed.infotexts
+    assert len(texts) == 4
+    for text, (method, scale) in zip(texts, [("seg", "1"), ("tpg", "1"), ("seg", "4"), ("tpg", "4")]):
+        assert f"PAG 2 method: {method}" in text and f"PAG 2 scale: {scale}" in text and "PAG 2 layers: mid" in text
+    images = [torch.as_tensor(i) for i in processed.images]
+    assert all(not torch.equal(images[a], images[b]) for a in range(4) for b in range(a + 1, 4))
+
+
+def test_a_bad_guidance_cell_stops_the_grid_naming_the_guidance(webui):
+    calls, handle = unet_calls(webui)
+    try:
+        with pytest.raises(PagError, match=re.escape("PAG 3 layers: 'u9' does not exist in this SD1.x UNet")):
+            grid([{"enabled": True}], ("[PAG 3] Method", "tpg"), ("[PAG 3] Layers", "d1, u9"))
+        with pytest.raises(PagError, match=re.escape("PAG 2 method: 'dropout' is not a choice")):
+            grid([{"enabled": True}], ("[PAG 2] Method", "seg, dropout"))
+    finally:
+        handle.remove()
+    assert calls == []

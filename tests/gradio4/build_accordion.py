@@ -114,6 +114,12 @@ SAMPLE_INFOTEXT = {
     "Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "PAG scale": "4.5", "PAG layers": "m0,u1",
     "PAG method": "blur", "PAG blur sigma": "inf", "PAG start": "0.1", "PAG end": "0.9", "PAG schedule": "linear",
     "PAG hires": "own", "PAG hires scale": "2", "PAG mode": "separate",
+    "PAG 2 method": "seg", "PAG 2 scale": "2", "PAG 2 layers": "mid", "PAG 2 blur sigma": "1.5",
+}
+BRANCH_TYPES = {
+    "enabled": gr.Checkbox, "method": gr.Dropdown, "scale": gr.Slider, "layers": gr.Textbox, "blur_sigma": gr.Number,
+    "noise_scale": gr.Number, "start": gr.Slider, "end": gr.Slider, "sigma_start": gr.Number, "sigma_end": gr.Number,
+    "schedule": gr.Dropdown, "rescale": gr.Slider, "hires": gr.Dropdown, "hires_scale": gr.Slider,
 }
 NO_PAG_INFOTEXT = {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7"}
 
@@ -188,8 +194,8 @@ def main() -> int:
 
 
 def run_checks():
-    from lib_pag.params import PRESETS, PagParams, field_names, label_of
-    from lib_pag.ui import UI_INFINITY, build_ui, fill_pasted_params
+    from lib_pag.params import BRANCH_FIELDS, PRESETS, BranchParams, PagParams, field_names, label_of
+    from lib_pag.ui import BRANCH_UI_METHODS, UI_INFINITY, build_ui, default_layers, fill_pasted_params
 
     c = Checks()
     c.check(gr.__version__ == EXPECTED_GRADIO, f"gradio {gr.__version__} is not {EXPECTED_GRADIO}")
@@ -222,8 +228,16 @@ def run_checks():
     for tab, b in builds.items():
         controls, fields = b["controls"], b["infotext_fields"]
         pre = f"[{tab}] "
-        c.check(len(controls) == 15, pre + f"{len(controls)} controls, not 15")
-        by_name = dict(zip(names, controls))
+        c.check(len(controls) == 15 + 2 * 14, pre + f"{len(controls)} controls, not 15 + 2 × 14 (guidances 2 and 3)")
+        by_name = dict(zip(names, controls[:15]))
+        # guidances 2 and 3: their controls after the main ones, in BRANCH_FIELDS order, off by default
+        branch_names = [f"{index}.{n}" for index in (2, 3) for n in BRANCH_FIELDS]
+        for k, index in enumerate((2, 3)):
+            d, method = BranchParams(index), BRANCH_UI_METHODS[index]
+            for n, control in zip(BRANCH_FIELDS, controls[15 + 14 * k:15 + 14 * (k + 1)]):
+                want = {"method": method, "layers": default_layers(method)}.get(n, getattr(d, n))
+                c.check(type(control) is BRANCH_TYPES[n], pre + f"guidance {index} {n}: {type(control).__name__}")
+                c.check(control.value == want, pre + f"guidance {index} {n}: default {control.value!r}, not {want!r}")
         for name, control in by_name.items():
             want = EXPECTED_TYPES[name]
             c.check(type(control) is want, pre + f"{name}: {type(control).__name__}, not {want.__name__}")
@@ -253,13 +267,15 @@ def run_checks():
         c.check(all(ctrl._id in inside for ctrl in controls[1:]), pre + "not every control sits inside the accordion")
 
         # infotext entries
-        c.check(len(fields) == 15 and {id(f[0]) for f in fields} == {id(x) for x in controls},
-                pre + "infotext_fields do not cover the 15 controls")
-        c.check([key for _, key in fields] == [label_of(n) for n in names], pre + "infotext keys are not the labels")
-        c.check(b["paste_field_names"] == [label_of(n) for n in names], pre + "paste_field_names")
+        c.check(len(fields) == len(controls) and {id(f[0]) for f in fields} == {id(x) for x in controls},
+                pre + "infotext_fields do not cover the controls")
+        keys = [label_of(n) for n in names] + [BranchParams(i).label(n) for i in (2, 3) for n in BRANCH_FIELDS]
+        c.check([key for _, key in fields] == keys, pre + "infotext keys are not the labels")
+        c.check(b["paste_field_names"] == keys, pre + "paste_field_names")
         expected = PagParams.from_infotext(SAMPLE_INFOTEXT)
+        by_index = {br.index: br for br in expected.branches}
         pasted = {}
-        field_name = {id(x): n for n, x in by_name.items()}
+        field_name = {id(x): n for n, x in [*by_name.items(), *zip(branch_names, controls[15:])]}
         completed = {}
         for sample, params in (("sample", SAMPLE_INFOTEXT), ("no PAG", NO_PAG_INFOTEXT)):
             completed[sample] = dict(params)
@@ -270,10 +286,19 @@ def run_checks():
                 value = completed[sample].get(key)
                 c.check(value is None or isinstance(value, str), pre + f"{name} ({sample}): {type(value).__name__}")
                 if sample == "no PAG":
-                    c.check((value == "False") if name == "enabled" else value is None,
+                    c.check((value == "False") if name.endswith("enabled") else value is None,
                             pre + f"{name} (no PAG): {value!r}")
                     continue
-                want = getattr(expected, name)
+                if "." in name:  # guidance 2 (in the sample) or 3 (not: unticked, the rest left alone)
+                    index, field = int(name.split(".")[0]), name.split(".")[1]
+                    if index not in by_index:
+                        c.check((value == "False") if field == "enabled" else value is None, pre + f"{name}: {value!r}")
+                        if field == "enabled":
+                            pasted[name] = False
+                        continue
+                    want = getattr(by_index[index], field)
+                else:
+                    want = getattr(expected, name)
                 want = UI_INFINITY if isinstance(want, float) and math.isinf(want) else want
                 got = value if isinstance(want, str) else (value == "True") if isinstance(want, bool) else float(value)
                 c.check(got == want, pre + f"{name} ({sample}): pasted {got!r}, not {want!r}")
@@ -289,12 +314,13 @@ def run_checks():
         applies = [f for f in js_only if f.js and "JSON.parse(" in f.js]
         c.check(len(toggles) == 1, pre + "the accordion's js change event is missing")
         # each server-side check is followed by the browser-side step that applies its reply only while fresh
-        c.check(len(applies) == 17 and len(js_only) == 18,
-                pre + f"{len(applies)} reply-applying js events, not 17 (layers, enabled, layers retry, 13 schedule/settings "
-                      "inputs, schedule retry)")
+        c.check(len(applies) == 17 + 2 * 16 and len(js_only) == 18 + 2 * 16,
+                pre + f"{len(applies)} reply-applying js events, not 49 (layers, enabled, layers retry, 13 schedule/settings "
+                      "inputs, schedule retry; per extra guidance its 14 controls, enabled and its retry)")
         python_fns = [f for f in fns if f.fn is not None]
-        c.check(len(python_fns) == 19, pre + f"{len(python_fns)} python events, not 19 (preset, layers, enabled → map, "
-                                             "layers retry, groups, 13 schedule/settings inputs, schedule retry)")
+        c.check(len(python_fns) == 20 + 2 * 17, pre + f"{len(python_fns)} python events, not 54 (preset, layers, enabled → "
+                                                      "map, layers retry, groups, 13 schedule/settings inputs, schedule "
+                                                      "retry, method picked; per extra guidance 16 checks and method picked)")
         ran = []
         ids = {x._id: n for n, x in by_name.items()}
         for f in python_fns:
@@ -328,7 +354,8 @@ def run_checks():
         try:
             data = run_event(blocks, state, b["paste_fn"], [])
             got = [d.get("value") if isinstance(d, dict) else d for d in data]
-            want = [pasted[field_name[id(comp)]] for comp, _ in fields]
+            want = [pasted.get(field_name[id(comp)]) for comp, _ in fields if field_name[id(comp)] in pasted]
+            got = [g for g, (comp, _) in zip(got, fields) if field_name[id(comp)] in pasted]
             c.check(got == want, pre + f"paste event set {got}, not {want}")
         except Exception as err:  # noqa: BLE001
             c.check(False, pre + f"paste event raised {type(err).__name__}: {err}")
