@@ -27,7 +27,7 @@ import torch
 from .errors import PagError
 from .fork import ForkChecks, forking
 from .calls import PassCounter
-from .guidance import multicond_pag_delta, multicond_reference, promote, rescale_guided, scale_for_step
+from .guidance import ScaledCall, multicond_pag_delta, multicond_reference, promote, rescale_guided, scale_for_step
 from .job import (
     announce_refusal, check_neighbors, flush_notes, image_keys, job_summary, more_guidances, never_called, note_skipped,
     perturbations_for, refuse_job, resolve_guidances, start_params, write_infotext, write_note,
@@ -45,7 +45,7 @@ log = logging.getLogger("sd_webui_pag")
 # --- jobs ------------------------------------------------------------------------------------------
 
 @dataclass
-class Call:
+class Call(ScaledCall):
     """What one denoiser call of a job needs between the three callbacks.
 
     ``scales``: the guidances active at this call (index → scale ≠ 0), in index order; their twin blocks of
@@ -66,14 +66,6 @@ class Call:
     reference: torch.Tensor | None = None
     applied: bool = False  # the term went into the host's combine_denoised (before its mask blend)
     twins: bool = False  # the twins sit after the cond rows of the denoiser's batch (batched layout)
-
-    @property
-    def labels(self) -> tuple:
-        return tuple(self.scales)
-
-    @property
-    def scale(self) -> float:
-        return sum(self.scales.values())
 
 
 @dataclass

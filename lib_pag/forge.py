@@ -59,7 +59,7 @@ from .job import (
 )
 from .errors import PagError
 from .calls import PassCounter
-from .guidance import promote, rescale_guided, scale_for_step
+from .guidance import ScaledCall, promote, rescale_guided, scale_for_step
 from .layers import LayerSelection, build_catalog, resolve_layers
 from .params import PagParams
 from .fork import ForkChecks
@@ -210,7 +210,7 @@ def rows_of_block_call(x, args, kwargs):
     return mark.layout_for(x.shape[0], int(shape[0]) if shape else None), mark.draw
 
 
-class Step:
+class Step(ScaledCall):
     """One sampling-function call with PAG rows: the host's cond entries and, per guidance active at this call
     (``scales``: index → scale), their twins' running sum.
 
@@ -230,14 +230,6 @@ class Step:
         self.closed = not self.entries
         self.checks = ForkChecks()
         self.matched: set = set()  # entries already twinned in an earlier call of this step
-
-    @property
-    def labels(self) -> tuple:
-        return tuple(self.scales)
-
-    @property
-    def scale(self) -> float:
-        return sum(self.scales.values())
 
     @property
     def complete(self) -> bool:

@@ -84,6 +84,23 @@ def _std(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return ((w * (t - mean) ** 2).sum(dim=dims, keepdim=True) / total).sqrt()
 
 
+class ScaledCall:
+    """A model call's guidances and their scales: ``self.scales`` maps guidance index → scale ≠ 0, in index
+    order (the adapters' per-call state: A1111's ``Call``, Forge's ``Step``)."""
+
+    scales: dict
+
+    @property
+    def labels(self) -> tuple:
+        """The guidances active at this call, in order (their twin blocks follow the cond rows in this order)."""
+        return tuple(self.scales)
+
+    @property
+    def scale(self) -> float:
+        """The scales' sum (one guidance: its scale)."""
+        return sum(self.scales.values())
+
+
 # --- schedule ------------------------------------------------------------------------------------
 
 def step_progress(step: int, total_steps: int) -> float:

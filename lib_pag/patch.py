@@ -276,20 +276,25 @@ class AttentionPatch:
             return found if found is not None else (None, ())
         return self.marks.layout_for(x.shape[0]), self.marks.draw
 
+    def plan(self, x, args, kwargs, strengths) -> tuple:
+        """``(layout, draw key, ModulePlan)`` of a wrapped module's call (counted), or None when nothing in it is
+        perturbed."""
+        layout, draw = self.rows(x, args, kwargs)
+        plan = module_plan(layout, strengths) if layout is not None else None
+        if plan is None:
+            return None
+        self.count(plan)
+        return layout, draw, plan
+
     def _make_wrapper(self, module, previous, strengths, perturbations, layer_key: int):
         patch = self
-
-        def own_forward(x, *args, **kwargs):
-            if previous is not None:
-                return previous(x, *args, **kwargs)
-            return type(module).forward(module, x, *args, **kwargs)
+        own_forward = _own_forward(module, previous)
 
         def pag_forward(x, *args, **kwargs):
-            layout, draw = patch.rows(x, args, kwargs)
-            plan = module_plan(layout, strengths) if layout is not None else None
-            if plan is None:
+            found = patch.plan(x, args, kwargs, strengths)
+            if found is None:
                 return own_forward(x, *args, **kwargs)
-            patch.count(plan)
+            layout, draw, plan = found
             n = x.shape[0]
             extra = kwargs.get("additional_tokens")
             grid = patch.grids.grid_for(x.shape[1])
@@ -319,18 +324,13 @@ class AttentionPatch:
         and are not put back. At strength ``a < 1`` those rows get ``(1−a)·block(x) + a·block(shuffled x)``
         (the block runs once more on them)."""
         patch = self
-
-        def own_forward(x, *args, **kwargs):
-            if previous is not None:
-                return previous(x, *args, **kwargs)
-            return type(module).forward(module, x, *args, **kwargs)
+        own_forward = _own_forward(module, previous)
 
         def tpg_forward(x, *args, **kwargs):
-            layout, draw = patch.rows(x, args, kwargs)
-            plan = module_plan(layout, strengths) if layout is not None else None
-            if plan is None:
+            found = patch.plan(x, args, kwargs, strengths)
+            if found is None:
                 return own_forward(x, *args, **kwargs)
-            patch.count(plan)
+            layout, draw, plan = found
             n = x.shape[0]
             shuffled = [perturbations[b.label].shuffle(b.rows.take(x), draw_keys(layout, b.rows, draw, layer_key))
                         for b in plan.branches]
@@ -357,6 +357,17 @@ class AttentionPatch:
 
         tpg_forward.__pag_wrapper__ = True
         return tpg_forward
+
+
+def _own_forward(module, previous):
+    """What a wrapped module did before PAG: an instance forward someone installed (chained to), else its
+    class's forward, looked up at call time (hosts swap it)."""
+    def own_forward(x, *args, **kwargs):
+        if previous is not None:
+            return previous(x, *args, **kwargs)
+        return type(module).forward(module, x, *args, **kwargs)
+
+    return own_forward
 
 
 def take_rows(value, rows: Rows, n: int):

@@ -204,9 +204,16 @@ def blurred_query_attention(attn, x, sigma, grid, additional_tokens=None):
     ``x``: ``(B, N, C)`` image tokens; ``grid``: their ``(h, w)`` with ``h·w = N`` (``(1, N)`` blurs along
     the flattened order); ``additional_tokens`` (``(B, M, C)``, sgm) join K/V and are not blurred.
     """
+    return query_blurred_attention(attn, x, lambda q: blur_tokens(q, sigma, grid), additional_tokens)
+
+
+def query_blurred_attention(attn, x, blur, additional_tokens=None):
+    """Self-attention whose image-token queries are ``blur(q)`` (``(B, N, C)`` → the same), keys and values from
+    the unblurred hidden states, then the module's output projection; ``additional_tokens`` (``(B, M, C)``,
+    sgm) join K/V and are not blurred."""
     full, extra = _with_extra(x, additional_tokens)
     q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
-    q = torch.cat([q[:, :extra], blur_tokens(q[:, extra:], sigma, grid)], dim=1)
+    q = torch.cat([q[:, :extra], blur(q[:, extra:])], dim=1)
     heads = _heads(attn)
     out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
     return attn.to_out(_merge(out)[:, extra:])
@@ -269,12 +276,7 @@ def seg_attention(attn, x, sigma, grid, additional_tokens=None):
     """SEG: self-attention with the query blurred by ``seg_blur`` (keys and values from the unblurred hidden
     states), then the module's output projection. ``x``: ``(B, N, C)`` image tokens on an ``(h, w)`` grid;
     ``additional_tokens`` (``(B, M, C)``, sgm) join K/V and are not blurred."""
-    full, extra = _with_extra(x, additional_tokens)
-    q, k, v = attn.to_q(full), attn.to_k(full), attn.to_v(full)
-    q = torch.cat([q[:, :extra], seg_blur(q[:, extra:], sigma, grid)], dim=1)
-    heads = _heads(attn)
-    out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
-    return attn.to_out(_merge(out)[:, extra:])
+    return query_blurred_attention(attn, x, lambda q: seg_blur(q, sigma, grid), additional_tokens)
 
 
 def noisy_logit_attention(attn, x, noise_scale, noise, additional_tokens=None):

@@ -209,6 +209,25 @@ def float_output(out):
     return out if out.dtype == torch.float64 else out.float()
 
 
+def apply_eps_model(diffusion_model, x, sigma, c_concat, c_crossattn, control, transformer_options, kwargs):
+    """Both hosts' ``apply_model`` for an eps model (Forge 2 ``KModel.apply_model``, reForge
+    ``BaseModel._apply_model``): ``calculate_input`` (``c_in``), the input, the context and every float extra
+    cond in the UNet's dtype (fp16 UNets get fp16 inputs), the timestep as float, the output back to float
+    (``float_output``), ``calculate_denoised``."""
+    xc = c_in(sigma, x)
+    if c_concat is not None:
+        xc = torch.cat([xc, c_concat], dim=1)
+    CALLS.append(xc.shape[0])
+    dtype = next(diffusion_model.parameters()).dtype
+    xc = xc.to(dtype)
+    context = c_crossattn.to(dtype) if c_crossattn is not None else None
+    extra = {k: (v.to(dtype) if torch.is_tensor(v) and v.dtype not in (torch.int, torch.long) else v)
+             for k, v in kwargs.items()}
+    eps = diffusion_model(xc, sigma_to_t(sigma).float(), context=context, control=control,
+                          transformer_options=transformer_options, **extra)
+    return denoised_from_eps(x, sigma, float_output(eps))
+
+
 def denoised_from_eps(x, sigma, eps):
     """k-diffusion eps parameterisation: ``x0 = x − σ·ε``."""
     return x - eps * sigma.reshape(-1, *([1] * (x.ndim - 1)))
