@@ -8,6 +8,7 @@ The UNet is float64 and the ``host`` fixture runs each test in float64 mode: out
 float64 rounding (``tests/exactness.py``).
 """
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -69,20 +70,32 @@ class Host:
         return self.sampling.calc_cond_batch(model, [cond], x, sigma, model_options)[0]
 
 
-@pytest.fixture(params=["forge2", "reforge"])
-def host(request, unet, monkeypatch, float64):
-    root = str(DOUBLES / request.param)
+@contextlib.contextmanager
+def hosted(kind, unet):
+    """The ``kind`` double (``forge2`` / ``reforge``) on sys.path, detected by PAG, around ``unet``; unlimited
+    free memory (one UNet call per denoiser call)."""
+    root = str(DOUBLES / kind)
     _purge()
     sys.path.insert(0, root)
     try:
-        assert forge.detect_host(refresh=True) == request.param
-        h = Host(request.param, unet)
-        monkeypatch.setattr(h.memory, "FREE_MEMORY", float("inf"))
-        yield h
+        assert forge.detect_host(refresh=True) == kind
+        h = Host(kind, unet)
+        saved = h.memory.FREE_MEMORY
+        h.memory.FREE_MEMORY = float("inf")
+        try:
+            yield h
+        finally:
+            h.memory.FREE_MEMORY = saved
     finally:
         sys.path.remove(root)
         _purge()
         forge.detect_host(refresh=True)
+
+
+@pytest.fixture(params=["forge2", "reforge"])
+def host(request, unet, float64):
+    with hosted(request.param, unet) as h:
+        yield h
 
 
 # --- the independent reference ------------------------------------------------------------------------

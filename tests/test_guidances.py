@@ -16,9 +16,6 @@ in float64 against the exactness bound (``tests/exactness.py``).
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -170,27 +167,13 @@ def test_a1111_tpg_image_k_equals_its_seed_alone(webui, monkeypatch):
 
 # --- Forge 2 / reForge --------------------------------------------------------------------------------
 
-DOUBLES = Path(__file__).resolve().parent / "forge_double"
-
-
 @pytest.fixture(params=["forge2", "reforge"])
-def forge_host(request, monkeypatch):
-    from lib_pag import forge
-    from tests.test_forge import Host, _purge
+def forge_host(request):
+    from tests.test_forge import hosted
     from tests.unets import sd15_unet
 
-    root = str(DOUBLES / request.param)
-    _purge()
-    sys.path.insert(0, root)
-    try:
-        assert forge.detect_host(refresh=True) == request.param
-        host = Host(request.param, to_float64(sd15_unet(seed=3)))
-        monkeypatch.setattr(host.memory, "FREE_MEMORY", float("inf"))
+    with hosted(request.param, to_float64(sd15_unet(seed=3))) as host:
         yield host
-    finally:
-        sys.path.remove(root)
-        _purge()
-        forge.detect_host(refresh=True)
 
 
 def forge_outputs(host, values, monkeypatch, *, no_fork=False):

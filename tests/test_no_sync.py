@@ -237,22 +237,12 @@ def test_a1111_jobs_make_no_sync_inside_unet_calls(values):
                                     {"layers": "mid,up", "mode": "separate"}, {"layers": "d1,up", "method": "blur"}],
                          ids=["fork", "strength-noise", "separate", "blur-input-fork"])
 def test_forge_jobs_make_no_sync_inside_unet_calls(values):
-    import sys
-    from pathlib import Path
-
-    from lib_pag import forge
     from lib_pag.params import PagParams
-    from tests.test_forge import Host, _purge, inputs, run
+    from tests.test_forge import hosted, run
 
     failures = []
     for kind in ("forge2", "reforge"):
-        root = str(Path(__file__).resolve().parent / "forge_double" / kind)
-        _purge()
-        sys.path.insert(0, root)
-        try:
-            assert forge.detect_host(refresh=True) == kind
-            host = Host(kind, sd15_unet(seed=3))
-            host.memory.FREE_MEMORY = float("inf")
+        with hosted(kind, sd15_unet(seed=3)) as host:
             params = PagParams(enabled=True, scale=3.0, **values)
             diffusion_model = host.patcher.model.diffusion_model  # the host's UNet class over the ldm modules
             plain = guarded(diffusion_model, lambda: run(host, PagParams(), batch=2))
@@ -262,10 +252,6 @@ def test_forge_jobs_make_no_sync_inside_unet_calls(values):
                 failures.append((kind, guard.syncs, plain.syncs))
             if sum(guard.host_data.values()) > sum(plain.host_data.values()) + 2:
                 failures.append((kind, guard.host_data, plain.host_data))
-        finally:
-            sys.path.remove(root)
-            _purge()
-            forge.detect_host(refresh=True)
     assert not failures, failures
 
 

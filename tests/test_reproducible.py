@@ -11,9 +11,6 @@ identity difference (and at least 1e-5), far below that.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -99,9 +96,6 @@ def test_draw_keys_follow_the_image_seed_and_its_variation_seed():
 
 # --- Forge 2 / reForge -------------------------------------------------------------------------------
 
-DOUBLES = Path(__file__).resolve().parent / "forge_double"
-
-
 def forge_denoised(host, params, x, cond, uncond, seeds):
     from lib_pag import forge
     from tests.forge_double.webui import Processing, SdModel
@@ -122,20 +116,13 @@ def forge_denoised(host, params, x, cond, uncond, seeds):
 @pytest.mark.parametrize("mode,no_fork", [("batched", False), ("batched", True), ("separate", False)],
                          ids=["batched+fork", "batched", "separate"])
 def test_forge_noise_row_k_equals_its_seed_alone(kind, mode, no_fork, monkeypatch):
-    from lib_pag import forge
     from lib_pag.params import PagParams
-    from tests.test_forge import Host, _purge, inputs
+    from tests.test_forge import hosted, inputs
     from tests.unets import sd15_unet
 
     if no_fork:
         monkeypatch.setenv(DISABLE_ENV, "1")
-    root = str(DOUBLES / kind)
-    _purge()
-    sys.path.insert(0, root)
-    try:
-        assert forge.detect_host(refresh=True) == kind
-        host = Host(kind, sd15_unet(seed=3))
-        host.memory.FREE_MEMORY = float("inf")
+    with hosted(kind, sd15_unet(seed=3)) as host:
         x, cond, uncond = inputs(batch=2, seed=5)
         errors = {}
         for method in ("identity", "noise"):
@@ -144,9 +131,5 @@ def test_forge_noise_row_k_equals_its_seed_alone(kind, mode, no_fork, monkeypatc
             alone = forge_denoised(host, params, x[1:], cond[1:], uncond[1:], [8])
             errors[method] = rel(together[:, 1], alone[:, 0])
         other_seed = forge_denoised(host, params, x[1:], cond[1:], uncond[1:], [9])
-    finally:
-        sys.path.remove(root)
-        _purge()
-        forge.detect_host(refresh=True)
     assert errors["noise"] <= bound(errors["identity"]), errors
     assert rel(other_seed[:, 0], alone[:, 0]) > 1e-3  # the draw really follows the seed
