@@ -53,5 +53,6 @@ def test_clone_into_extensions_then_install_and_load(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["loaded"] and summary["scripts"] == 1 and summary["args"] == 15
+    # 15 main values, then guidance 2 and guidance 3 with 14 values each (README, "API")
+    assert summary["loaded"] and summary["scripts"] == 1 and summary["args"] == 15 + 2 * 14
     assert summary["lib_pag"].startswith(str(clone))  # the clone's own package, not the working tree's
