@@ -217,11 +217,17 @@ def infotext_values(infotext, parse) -> dict:
                 raise PagError(label, text, "a number (in the request's infotext)", "is not a number") from None
         else:
             values[position] = text
-    for index in range(2, MAX_BRANCHES + 1):  # a guidance the infotext names is on (its checkbox has no key)
-        start = len(field_names()) + (index - 2) * len(BRANCH_FIELDS)
-        if any(start < position < start + len(BRANCH_FIELDS) for position in values):
-            values[start] = True
     return values
+
+
+def guidance_spans() -> list:
+    """``(enabled label, first position, end position)`` of each guidance's positional args: the main
+    settings, then guidances 2 and 3 (the enabled value comes first in each)."""
+    spans = [(label_of("enabled"), 0, len(field_names()))]
+    for index in range(2, MAX_BRANCHES + 1):
+        start = len(field_names()) + (index - 2) * len(BRANCH_FIELDS)
+        spans.append((BranchParams(index).label("enabled"), start, start + len(BRANCH_FIELDS)))
+    return spans
 
 
 def positional_labels() -> list:
@@ -242,6 +248,14 @@ def request_params(args: list, from_infotext: dict) -> PagParams:
         return validate_request_args(args)
     if not from_infotext:
         return validate_request_args(args)
+    for label, start, end in guidance_spans():
+        # the host fills only the controls whose label the infotext has (no paste callback on this path): a
+        # guidance whose settings it gives without its enabled key would stay off, silently
+        named = any(start < position < end for position in from_infotext)
+        if named and start not in from_infotext and start >= len(args):
+            raise PagError(label, None, f"'{label}: True' in the infotext (PAG writes it), or the enabled value "
+                           "in the args", "is missing from the infotext that gives this guidance's settings (the "
+                           "host would run without it)")
     defaults = [default for _, default in positional_labels()]
     last = max(max(from_infotext) + 1, len(field_names()), len(args))
     values = [from_infotext.get(k, defaults[k]) for k in range(last)]

@@ -267,16 +267,16 @@ class BranchParams:
         return dataclasses.replace(start, **values)
 
     def to_infotext(self) -> dict:
-        """Always method, scale and layers; the rest when it differs from the default and changes the image."""
+        """Always enabled, method, scale and layers; the rest when it differs from the default and changes the
+        image. ``PAG n enabled`` is what ticks the guidance when the host fills the controls from an infotext
+        without PAG's paste callback (the API's ``infotext`` field, ``Api.apply_infotext`` in A1111 ≥ 1.8)."""
         if not self.enabled:
             return {}
         default = BranchParams(self.index)
         out = {}
         for name in BRANCH_FIELDS:
-            if name == "enabled":
-                continue
             value = getattr(self, name)
-            always = name in ("method", "scale", "layers")
+            always = name in ("enabled", "method", "scale", "layers")
             if _relevant(self, name) and (always or value != getattr(default, name)):
                 out[self.label(name)] = format_value(value)
         return out

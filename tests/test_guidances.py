@@ -275,3 +275,36 @@ def test_api_422_names_the_guidance_and_its_field(webui):
     assert extra["PAG 2 method"] == "seg" and extra["PAG 3 method"] == "tpg" and extra["PAG 3 layers"] == "d1,d3"
     positional = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"pag": {"args": PagParams.from_dict(THREE).to_values()}}})
     assert positional.status_code == 200 and positional.json()["images"] == good.json()["images"]
+
+
+def test_api_infotext_field_restores_every_guidance(webui):
+    """The request's ``infotext`` (A1111 ≥ 1.8) fills the controls by label without PAG's paste callback, as
+    ``Api.apply_infotext`` does: a three-guidance image's infotext alone gives the same image. A hand-written
+    infotext that gives a guidance's settings without its enabled key is a 422 naming that key, not a job that
+    runs without the guidance (real A1111 1.10.1 left guidances 2 and 3 off before)."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from modules.api.api import create_app
+
+    client = TestClient(create_app()[0])
+    body = {"prompt": "a cat", "negative_prompt": "blurry", "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler", "seed": 3, "cfg_scale": 5}
+    good = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"pag": {"args": [THREE]}}})
+    assert good.status_code == 200, good.text
+    text = json.loads(good.json()["info"])["infotexts"][0]
+    assert "PAG 2 enabled: True" in text and "PAG 3 enabled: True" in text
+    pasted = client.post("/sdapi/v1/txt2img", json={**body, "infotext": text})  # (the double pastes PAG's fields)
+    assert pasted.status_code == 200, pasted.text
+    assert json.loads(pasted.json()["info"])["infotexts"][0] == text
+    assert pasted.json()["images"] == good.json()["images"]
+
+    for missing, field in (("PAG 2 enabled: True, ", "PAG 2 enabled"), ("PAG enabled: True, ", "PAG enabled")):
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "infotext": text.replace(missing, "")})
+        assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
+        assert f"'{field}: True'" in bad.json()["allowed"]
+    # the enabled value given in the args instead is fine
+    args = PagParams.from_dict(THREE).to_values()[:16]
+    ok = client.post("/sdapi/v1/txt2img", json={**body, "infotext": text.replace("PAG 2 enabled: True, ", ""),
+                                                "alwayson_scripts": {"pag": {"args": args}}})
+    assert ok.status_code == 200 and ok.json()["images"] == good.json()["images"], ok.text

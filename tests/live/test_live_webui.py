@@ -295,3 +295,102 @@ def test_api_auth_comes_first():
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=60)
     assert err.value.code == 422 and json.loads(err.value.read())["field"] == "PAG layers"
+
+
+# --- several guidances in one job (README, "Several guidances at once" and "Reproducible") ---
+
+LAYER = os.environ.get("PAG_WEBUI_LAYER", "m0")  # one that every checkpoint has
+THREE = {"enabled": True, "scale": 3.0, "layers": LAYER,
+         "branches": [{"method": "seg", "scale": 2.0, "layers": LAYER}, {"method": "tpg", "scale": 2.0, "layers": LAYER}]}
+
+
+def differ(a: str, b: str) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def test_three_guidances_batched_equal_separate_passes(plain):
+    """PAG + SEG + TPG twins ride in one UNet call; ``separate`` runs one extra call per guidance. Same
+    guidance, other batch composition: at most 1 level of 255 apart at scale 20 each, while each guidance
+    moves the image by far more."""
+    strong = {**THREE, "scale": 20.0, "branches": [{**b, "scale": 20.0} for b in THREE["branches"]]}
+    batched = txt2img(strong)
+    separate = txt2img({**strong, "mode": "separate"})["images"][0]
+    diff = np.abs(pixels(batched["images"][0]) - pixels(separate))
+    assert diff.max() <= 1, (diff.max(), diff.mean())
+    pag_only = txt2img({k: v for k, v in strong.items() if k != "branches"})["images"][0]
+    pag_seg = txt2img({**strong, "branches": strong["branches"][:1]})["images"][0]
+    for other in (plain, pag_only, pag_seg):
+        assert differ(batched["images"][0], other) > 1.0  # each guidance is there, far above the 1 level
+    text = infotext(batched)
+    for piece in ("PAG scale: 20", "PAG 2 enabled: True", "PAG 2 method: seg", "PAG 2 scale: 20", "PAG 3 method: tpg", "PAG 3 scale: 20",
+                  f"PAG 3 layers: {LAYER}"):
+        assert piece in text, text
+
+
+def test_pasted_infotext_restores_every_guidance():
+    """The request's ``infotext`` field (A1111 ≥ 1.8, reForge) fills the script args as *Paste parameters*
+    does: the same image without any ``alwayson_scripts``."""
+    status, schema = call("/openapi.json")
+    if "infotext" not in json.dumps(schema.get("components", {}).get("schemas", {})):
+        pytest.skip("this host's API has no infotext field (A1111 1.7)")
+    batched = txt2img(THREE)
+    status, body = call("/sdapi/v1/txt2img", {"infotext": infotext(batched), "width": SIZE, "height": SIZE,
+                                              "save_images": False})
+    if status >= 500:
+        pytest.skip(f"the host fails on the infotext field itself ({status}; Forge 2 does)")
+    assert status == 200, body
+    assert same(body["images"][0], batched["images"][0])
+
+
+@pytest.mark.parametrize("method", ["noise", "tpg"])
+def test_random_perturbations_per_image_seed(method):
+    """Image k of a batch equals the same request with seed + k and batch size 1, up to the host's own
+    batch rounding (1 level in a few pixels, as without PAG), while the perturbation it draws moves the
+    image over 100 times more than that."""
+    job = {"enabled": True, "scale": 20.0, "layers": LAYER, "method": method}
+    batch = txt2img(job, seed=40, batch_size=3)["images"]
+    assert len({pixels(b).tobytes() for b in batch}) == 3
+    for k in (1, 2):
+        alone = txt2img(job, seed=40 + k)["images"][0]
+        diff = np.abs(pixels(batch[k]) - pixels(alone))
+        effect = differ(alone, txt2img(seed=40 + k)["images"][0])
+        assert diff.max() <= 1 and diff.mean() < 1e-3, (method, k, diff.max(), diff.mean())
+        assert effect > 100 * max(diff.mean(), 1e-3), (method, k, effect)
+
+
+def test_bad_input_of_guidance_2_names_it():
+    payload = {**SMALL, "alwayson_scripts": {"pag": {"args": [
+        {"enabled": True, "layers": LAYER, "branches": [{"method": "seg", "layers": "u42"}]}]}}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status == 422 and body["field"] == "PAG 2 layers" and body["allowed"], body
+    payload["alwayson_scripts"]["pag"]["args"][0]["branches"] = [{"method": "swirl"}]
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status == 422 and body["field"] == "PAG 2 method" and "tpg" in json.dumps(body["allowed"]), body
+
+
+def test_xyz_axis_of_guidance_2():
+    status, info = call("/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = xyz["args"][0]["choices"]
+    assert {"[PAG 2] Scale", "[PAG 2] Method", "[PAG 3] Layers"} <= set(choices)
+    args = []
+    for a in xyz["args"]:
+        value = a.get("value")
+        args.append(a["choices"].index(value) if a.get("choices") and value in a["choices"] else value)
+    args[0], args[1] = choices.index("[PAG 2] Scale"), "1, 4"
+    labels = [a.get("label") for a in xyz["args"]]
+    if "Include Sub Images" in labels:
+        args[labels.index("Include Sub Images")] = True
+    job = {**THREE, "branches": [{"method": "identity", "scale": 2.0, "layers": LAYER}]}
+    body = txt2img(job, script_name="x/y/z plot", script_args=args)
+    texts = json.loads(body["info"])["infotexts"]
+    cells = {t: img for t, img in zip(texts, body["images"])
+             if "PAG 2 scale" in t and pixels(img).shape[:2] == (SIZE, SIZE)}  # the cells, not the grid
+    one = [img for t, img in cells.items() if "PAG 2 scale: 1," in t + ","]
+    four = [img for t, img in cells.items() if "PAG 2 scale: 4" in t]
+    assert one and four and all("PAG 2 method: identity" in t for t in cells), texts
+    # each cell is the plain request with its value (up to the host's batch rounding), and the values matter
+    for cell, scale in ((one[0], 1.0), (four[0], 4.0)):
+        alone = txt2img({**job, "branches": [{**job["branches"][0], "scale": scale}]})["images"][0]
+        assert np.abs(pixels(cell) - pixels(alone)).max() <= 1, scale
+    assert differ(one[0], four[0]) > 0.05
